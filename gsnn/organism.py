@@ -1,0 +1,530 @@
+"""The organism: input -> hidden LIF layer that grows and prunes itself -> readout to action logits.
+
+An ``Organism`` owns its tensors, its topology and its random stream, and decides for a whole
+batch of worlds at once. Per decision: the input current is computed once from the (sparse)
+observation, the hidden layer runs ``snn_steps`` Norse LIF steps with it, and the action logits
+are the hidden spike counts through a linear readout (``logits = counts @ W_out + b_out``). The
+LIF state (membrane potential, synaptic current) of each world carries over from one decision to
+the next and is detached between decisions, so learning never backpropagates through an episode.
+
+Growth and pruning are checked at the end of a learning rollout, once at least ``grow_interval``
+(``prune_interval``) decision steps have passed since the last check: prune first (neurons whose
+firing-rate EMA is below ``prune_threshold``, older than ``prune_grace``, never below
+``min_hidden``; the quietest go first), then grow ``neurons_per_grow`` neurons if the layer's mean
+rate is below ``grow_threshold`` (never above ``max_hidden``). Every surviving neuron keeps its
+weights, LIF state, rate statistics and Adam moments exactly; newborn neurons start with zero
+Adam moments and a rate EMA equal to the layer mean (so they neither trigger nor block growth).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from norse.torch.functional.lif import LIFFeedForwardState
+
+from gsnn import checkpoint, plasticity
+from gsnn.config import OrganismConfig
+from gsnn.energy import decision_energy
+from gsnn.neurons import lif_decision_fast, lif_decision_reference, lif_parameters
+
+CHECKPOINT_FORMAT = "gsnn-organism"
+CHECKPOINT_VERSION = 1
+
+# Parameter name -> the axis that indexes hidden neurons (None: no neuron axis).
+NEURON_AXIS = {"input_weight": 1, "hidden_bias": 0, "readout_weight": 0, "readout_bias": None}
+
+
+class NonFiniteError(RuntimeError):
+    """Learning produced NaN or Inf that the organism could not recover from."""
+
+
+@dataclass
+class Stats:
+    decision_steps: int = 0  # learning decision steps (one per batch step)
+    updates: int = 0
+    grow_events: int = 0
+    neurons_added: int = 0
+    prune_events: int = 0
+    neurons_removed: int = 0
+    nonfinite_updates_skipped: int = 0
+    events: list = field(default_factory=list)  # (decision_step, "grow"|"prune", n, hidden_after)
+
+
+class EnergyMeter:
+    """Averages ``gsnn.energy.decision_energy`` over many decisions of many worlds."""
+
+    def __init__(self, config: OrganismConfig):
+        self.config = config
+        self.reset()
+
+    def reset(self):
+        self.world_decisions = 0
+        self._sums: dict[str, float] = {}
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+
+    def add(self, active_inputs: torch.Tensor, hidden_spikes: torch.Tensor, worlds: int, hidden: int):
+        # Kept as device tensors until read, so the hot path never waits on a GPU.
+        self._pending.append((active_inputs.detach(), hidden_spikes.detach(), worlds, hidden))
+
+    def _flush(self):
+        c = self.config
+        for active, spikes, worlds, hidden in self._pending:
+            energy = decision_energy(
+                float(active) / worlds, float(spikes) / worlds, hidden, c.n_inputs, c.n_actions, c.snn_steps
+            )
+            per_decision = dict(
+                energy.as_dict(),
+                active_inputs_per_decision=float(active) / worlds,
+                hidden_spikes_per_decision=float(spikes) / worlds,
+                hidden_neurons=float(hidden),
+            )
+            for key, value in per_decision.items():
+                self._sums[key] = self._sums.get(key, 0.0) + value * worlds
+            self.world_decisions += worlds
+        self._pending.clear()
+
+    def report(self) -> dict[str, float]:
+        """Means per decision of one world since the last reset (empty dict if none)."""
+        self._flush()
+        if not self.world_decisions:
+            return {}
+        return {key: total / self.world_decisions for key, total in self._sums.items()}
+
+
+class Organism:
+    def __init__(self, config: OrganismConfig | None = None, device: str | torch.device = "cpu"):
+        self.config = (config or OrganismConfig()).validate()
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.config.seed)
+        self.lif = lif_parameters(self.config, self.device)
+        H = self.config.init_hidden
+        self.params = {
+            name: torch.nn.Parameter(tensor) for name, tensor in self._newborn_params(H).items()
+        }
+        self.params["readout_bias"] = torch.nn.Parameter(
+            torch.zeros(self.config.n_actions, device=self.device)
+        )
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=self.config.learning_rate)
+        self.rate_ema = torch.zeros(H, device=self.device)
+        self.birth_step = torch.zeros(H, dtype=torch.long, device=self.device)
+        self.last_grow_check = 0
+        self.last_prune_check = 0
+        self.stats = Stats()
+        self.energy = EnergyMeter(self.config)
+        self.v: torch.Tensor | None = None  # (B, H) membrane potential per world
+        self.i: torch.Tensor | None = None  # (B, H) synaptic current per world
+        self._rollout: list[dict[str, torch.Tensor]] = []
+        self._consecutive_nonfinite = 0
+
+    # -- shape ---------------------------------------------------------------------------------
+    @property
+    def hidden_neurons(self) -> int:
+        return int(self.params["hidden_bias"].shape[0])
+
+    def _newborn_params(self, n: int) -> dict[str, torch.Tensor]:
+        c, g, dev = self.config, self.generator, self.device
+        return {
+            "input_weight": torch.randn(c.n_inputs, n, generator=g, device=dev) * c.input_weight_std,
+            "hidden_bias": torch.full((n,), c.hidden_bias_init, device=dev),
+            "readout_weight": torch.randn(n, c.n_actions, generator=g, device=dev) * c.readout_weight_std,
+        }
+
+    def _resize(self, transform) -> None:
+        """Apply ``transform(tensor, axis)`` to every per-neuron tensor: parameters, Adam moments,
+        rate statistics and LIF state. Nothing else about them changes."""
+        for name, param in self.params.items():
+            axis = NEURON_AXIS[name]
+            if axis is None:
+                continue
+            state = self.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = transform(state[key], axis, name, moment=True)
+            param.data = transform(param.data, axis, name, moment=False)
+            param.grad = None
+        self.rate_ema = transform(self.rate_ema, 0, "rate_ema", moment=False)
+        self.birth_step = transform(self.birth_step, 0, "birth_step", moment=False)
+        if self.v is not None:
+            self.v = transform(self.v, 1, "v", moment=False)
+            self.i = transform(self.i, 1, "i", moment=False)
+
+    def grow(self, n: int) -> int:
+        """Add up to ``n`` neurons (never beyond max_hidden). Returns how many were added."""
+        n = min(int(n), self.config.max_hidden - self.hidden_neurons)
+        if n <= 0:
+            return 0
+        newborn = self._newborn_params(n)
+        layer_mean = self.rate_ema.mean() if self.hidden_neurons else torch.zeros((), device=self.device)
+
+        def extend(tensor, axis, name, moment):
+            shape = list(tensor.shape)
+            shape[axis] = n
+            if moment:
+                extra = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+            elif name in newborn:
+                extra = newborn[name]
+            elif name == "rate_ema":
+                extra = layer_mean.expand(n).clone()
+            elif name == "birth_step":
+                extra = torch.full(shape, self.stats.decision_steps, dtype=tensor.dtype, device=tensor.device)
+            elif name == "v":
+                extra = torch.full(shape, float(self.config.v_leak), dtype=tensor.dtype, device=tensor.device)
+            else:  # i
+                extra = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
+            return torch.cat((tensor, extra), dim=axis)
+
+        self._resize(extend)
+        self.stats.grow_events += 1
+        self.stats.neurons_added += n
+        self.stats.events.append((self.stats.decision_steps, "grow", n, self.hidden_neurons))
+        return n
+
+    def prune(self, remove: torch.Tensor) -> int:
+        """Remove the neurons where the boolean mask ``remove`` (H,) is True. Returns how many."""
+        remove = remove.to(self.device)
+        n = int(remove.sum())
+        if n == 0:
+            return 0
+        if self.hidden_neurons - n < 1:
+            raise ValueError("prune would remove every hidden neuron")
+        keep = torch.nonzero(~remove).squeeze(1)
+        self._resize(lambda tensor, axis, name, moment: tensor.index_select(axis, keep))
+        self.stats.prune_events += 1
+        self.stats.neurons_removed += n
+        self.stats.events.append((self.stats.decision_steps, "prune", n, self.hidden_neurons))
+        return n
+
+    def silent_neurons(self) -> torch.Tensor:
+        """The mask prune() would get now: rate below prune_threshold, past the grace period,
+        the quietest first, keeping at least min_hidden neurons."""
+        c = self.config
+        age = self.stats.decision_steps - self.birth_step
+        candidate = (self.rate_ema < c.prune_threshold) & (age >= c.prune_grace)
+        removable = self.hidden_neurons - c.min_hidden
+        if removable <= 0:
+            return torch.zeros_like(candidate)
+        if int(candidate.sum()) > removable:
+            quietness = torch.where(candidate, -self.rate_ema, torch.full_like(self.rate_ema, -math.inf))
+            chosen = torch.topk(quietness, removable).indices
+            candidate = torch.zeros_like(candidate)
+            candidate[chosen] = True
+        return candidate
+
+    def structural_step(self) -> None:
+        """Run the prune and growth checks that are due (see the module docstring)."""
+        c, now = self.config, self.stats.decision_steps
+        if now - self.last_prune_check >= c.prune_interval:
+            self.last_prune_check = now
+            self.prune(self.silent_neurons())
+        if now - self.last_grow_check >= c.grow_interval:
+            self.last_grow_check = now
+            if float(self.rate_ema.mean()) < c.grow_threshold:
+                self.grow(c.neurons_per_grow)
+
+    # -- state per world -------------------------------------------------------------------------
+    def reset_state(self, batch_size: int) -> None:
+        H = self.hidden_neurons
+        self.v = torch.full((batch_size, H), float(self.config.v_leak), device=self.device)
+        self.i = torch.zeros(batch_size, H, device=self.device)
+        self._rollout.clear()
+
+    def reset_worlds(self, done: torch.Tensor) -> None:
+        """Worlds whose episode ended start their next one from a resting state."""
+        if self.v is None or not bool(done.any()):
+            return
+        done = done.to(self.device).unsqueeze(1)
+        self.v.masked_fill_(done, float(self.config.v_leak))
+        self.i.masked_fill_(done, 0.0)
+
+    def _ensure_state(self, batch_size: int) -> None:
+        if self.v is None or self.v.shape[0] != batch_size:
+            self.reset_state(batch_size)
+
+    # -- deciding --------------------------------------------------------------------------------
+    def input_current(self, obs: torch.Tensor) -> torch.Tensor:
+        """(B, n_inputs) observation -> (B, H) input current, once per decision. On the CPU the
+        observation's sparsity is used (only active cells are summed); elsewhere a dense matmul."""
+        W, b = self.params["input_weight"], self.params["hidden_bias"]
+        if obs.device.type != "cpu":
+            return torch.addmm(b, obs, W)
+        rows, cols = torch.nonzero(obs, as_tuple=True)
+        offsets = torch.zeros(obs.shape[0], dtype=torch.long, device=obs.device)
+        offsets[1:] = torch.bincount(rows, minlength=obs.shape[0]).cumsum(0)[:-1]
+        x = F.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=obs[rows, cols])
+        return x + b
+
+    def _flatten(self, obs: torch.Tensor) -> torch.Tensor:
+        obs = obs.to(self.device).reshape(obs.shape[0], -1)
+        if obs.shape[1] != self.config.n_inputs:
+            raise ValueError(f"observation has {obs.shape[1]} values per world, expected {self.config.n_inputs}")
+        return obs
+
+    def _check_logits(self, logits: torch.Tensor) -> None:
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteError(
+                f"action logits are not finite at decision step {self.stats.decision_steps}"
+            )
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, greedy: bool = True) -> torch.Tensor:
+        """Decide for every world without learning (fast path). greedy: argmax, else sample."""
+        obs = self._flatten(obs)
+        self._ensure_state(obs.shape[0])
+        x = self.input_current(obs)
+        c = self.config
+        counts, _ = lif_decision_fast(x, self.v, self.i, self.lif, c.snn_steps, c.dt)
+        logits = torch.addmm(self.params["readout_bias"], counts, self.params["readout_weight"])
+        self._check_logits(logits)
+        self.energy.add(obs.sum(), counts.sum(), obs.shape[0], self.hidden_neurons)
+        return logits.argmax(dim=1) if greedy else self._sample(logits)
+
+    def learn_act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Decide (sampling) and remember what the learning rule needs for this decision."""
+        obs = self._flatten(obs)
+        self._ensure_state(obs.shape[0])
+        c = self.config
+        W_out, b_out = self.params["readout_weight"], self.params["readout_bias"]
+        if c.learning_rule == "reinforce":
+            x = self.input_current(obs)
+            state = LIFFeedForwardState(v=self.v, i=self.i)
+            counts, state = lif_decision_reference(x, state, self.lif, c.snn_steps, c.dt)
+            self.v, self.i = state.v.detach(), state.i.detach()
+            logits = torch.addmm(b_out, counts, W_out)
+            self._check_logits(logits)
+            log_probs = torch.log_softmax(logits, dim=1)
+            actions = torch.multinomial(log_probs.detach().exp(), 1, generator=self.generator).squeeze(1)
+            self._rollout.append({
+                "log_prob": log_probs.gather(1, actions.unsqueeze(1)).squeeze(1),
+                "entropy": -(log_probs.exp() * log_probs).sum(1),
+            })
+            counts = counts.detach()
+        else:
+            with torch.no_grad():
+                x = self.input_current(obs)
+                counts, factors = lif_decision_fast(
+                    x, self.v, self.i, self.lif, c.snn_steps, c.dt, trace_decay=c.stdp_trace_decay
+                )
+                logits = torch.addmm(b_out, counts, W_out)
+                self._check_logits(logits)
+                probs = torch.softmax(logits, dim=1)
+                actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+                action_post = F.one_hot(actions, c.n_actions).to(probs.dtype) - probs
+                feedback = action_post @ W_out.T
+                stdp = plasticity.stdp_post_factor(factors.potentiation, factors.depression, c.stdp_depression)
+                self._rollout.append({
+                    "obs": obs, "hidden_post": stdp * feedback, "counts": counts, "action_post": action_post,
+                })
+        with torch.no_grad():
+            alpha = 1.0 / c.rate_window
+            self.rate_ema.mul_(1 - alpha).add_(counts.mean(0) / c.snn_steps, alpha=alpha)
+        self.energy.add(obs.sum(), counts.sum(), obs.shape[0], self.hidden_neurons)
+        return actions
+
+    def learn_feedback(self, reward: torch.Tensor, done: torch.Tensor) -> bool:
+        """Give the rewards of the last decision; returns True when an update was made (which
+        is also when growth and pruning may happen)."""
+        step = self._rollout[-1]
+        step["reward"] = reward.to(self.device, torch.float32)
+        step["done"] = done.to(self.device)
+        self.stats.decision_steps += 1
+        self.reset_worlds(step["done"])
+        if len(self._rollout) < self.config.rollout_length:
+            return False
+        self._update()
+        self.structural_step()
+        return True
+
+    # -- learning ----------------------------------------------------------------------------------
+    def _update(self) -> None:
+        c, rollout = self.config, self._rollout
+        rewards = torch.stack([s["reward"] for s in rollout])
+        dones = torch.stack([s["done"] for s in rollout])
+        adv = plasticity.advantages(plasticity.discounted_returns(rewards, dones, c.discount))
+        self.optimizer.zero_grad(set_to_none=True)
+        if c.learning_rule == "reinforce":
+            loss = plasticity.reinforce_loss(
+                torch.stack([s["log_prob"] for s in rollout]),
+                torch.stack([s["entropy"] for s in rollout]),
+                adv, c.entropy_coef,
+            )
+            loss.backward()
+        else:
+            directions = plasticity.rstdp_directions(
+                torch.stack([s["obs"] for s in rollout]),
+                torch.stack([s["hidden_post"] for s in rollout]),
+                torch.stack([s["counts"] for s in rollout]),
+                torch.stack([s["action_post"] for s in rollout]),
+                adv,
+            )
+            for name, direction in directions.items():
+                self.params[name].grad = direction
+        self._rollout = []
+        self._apply_gradients()
+
+    def _apply_gradients(self) -> None:
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.stats.nonfinite_updates_skipped += 1
+            self._consecutive_nonfinite += 1
+            if self._consecutive_nonfinite > self.config.max_nonfinite_updates:
+                raise NonFiniteError(
+                    f"{self._consecutive_nonfinite} consecutive updates had NaN/Inf gradients "
+                    f"(decision step {self.stats.decision_steps}); learning_rate "
+                    f"{self.config.learning_rate} may be too high"
+                )
+            return
+        self._consecutive_nonfinite = 0
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.config.grad_clip)
+        self.optimizer.step()
+        self.stats.updates += 1
+        for name, param in self.params.items():
+            if not bool(torch.isfinite(param).all()):
+                raise NonFiniteError(f"parameter {name} became non-finite after update {self.stats.updates}")
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        self.config.learning_rate = float(learning_rate)
+        self.config.validate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: shape, weights, optimizer, statistics, RNG."""
+        if self._rollout:
+            raise RuntimeError("state_dict() in the middle of a rollout; call it between updates")
+        cpu = lambda t: t.detach().to("cpu").clone()  # noqa: E731
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "hidden_neurons": self.hidden_neurons,
+            "params": {name: cpu(p) for name, p in self.params.items()},
+            "optimizer": _tensors_to_cpu(self.optimizer.state_dict()),
+            "rate_ema": cpu(self.rate_ema),
+            "birth_step": cpu(self.birth_step),
+            "last_grow_check": self.last_grow_check,
+            "last_prune_check": self.last_prune_check,
+            "stats": {
+                k: (list(map(list, v)) if k == "events" else v) for k, v in vars(self.stats).items()
+            },
+            "generator": {"device": self.device.type, "state": self.generator.get_state().clone()},
+            "lif_state": None if self.v is None else {"v": cpu(self.v), "i": cpu(self.i)},
+            "consecutive_nonfinite": self._consecutive_nonfinite,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Become the organism in ``state``, whatever this organism's size was. The state is fully
+        checked before anything is changed."""
+        _validate_state(state)
+        config = OrganismConfig.from_dict(state["config"], where="checkpoint config: ")
+        H = int(state["hidden_neurons"])
+        self.config = config
+        self.lif = lif_parameters(config, self.device)
+        for name, tensor in state["params"].items():
+            self.params[name].data = tensor.to(self.device).clone()
+            self.params[name].grad = None
+        self.optimizer.state.clear()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rate_ema = state["rate_ema"].to(self.device).clone()
+        self.birth_step = state["birth_step"].to(self.device).clone()
+        self.last_grow_check = int(state["last_grow_check"])
+        self.last_prune_check = int(state["last_prune_check"])
+        stats = dict(state["stats"])
+        stats["events"] = [tuple(e) for e in stats.get("events", [])]
+        self.stats = Stats(**stats)
+        self.energy = EnergyMeter(config)
+        generator = state["generator"]
+        if generator["device"] == self.device.type:
+            self.generator.set_state(generator["state"])
+        else:  # a CPU generator state cannot seed a GPU generator: derive one, reproducibly
+            self.generator.manual_seed(hash((config.seed, self.stats.decision_steps)) & (2**63 - 1))
+        lif_state = state["lif_state"]
+        if lif_state is None:
+            self.v = self.i = None
+        else:
+            self.v = lif_state["v"].to(self.device).clone()
+            self.i = lif_state["i"].to(self.device).clone()
+        self._rollout = []
+        self._consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        assert self.hidden_neurons == H
+
+    def save(self, path) -> None:
+        checkpoint.save(self.state_dict(), path)
+
+    def load(self, path) -> None:
+        self.load_state_dict(checkpoint.load(path))
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "Organism":
+        state = checkpoint.load(path)
+        _validate_state(state)
+        organism = cls(OrganismConfig.from_dict(state["config"], where="checkpoint config: "), device)
+        organism.load_state_dict(state)
+        return organism
+
+
+def _tensors_to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu").clone()
+    if isinstance(value, dict):
+        return {k: _tensors_to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors_to_cpu(v) for v in value)
+    return value
+
+
+def _validate_state(state: dict) -> None:
+    """Refuse a state that would half-load: wrong format, missing parts, inconsistent shapes,
+    or values that are not finite."""
+    def fail(why):
+        raise checkpoint.CheckpointError(f"checkpoint refused: {why}")
+
+    if state.get("format") != CHECKPOINT_FORMAT:
+        fail(f"format is {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    if state.get("version") != CHECKPOINT_VERSION:
+        fail(f"version {state.get('version')!r} is not {CHECKPOINT_VERSION}")
+    required = ("config", "hidden_neurons", "params", "optimizer", "rate_ema", "birth_step",
+                "last_grow_check", "last_prune_check", "stats", "generator", "lif_state")
+    missing = [k for k in required if k not in state]
+    if missing:
+        fail(f"missing {', '.join(missing)}")
+    config = state["config"]
+    H = state["hidden_neurons"]
+    if not isinstance(H, int) or H < 1:
+        fail(f"hidden_neurons is {H!r}")
+    N, A = config.get("n_inputs"), config.get("n_actions")
+    expected = {
+        "input_weight": (N, H), "hidden_bias": (H,), "readout_weight": (H, A), "readout_bias": (A,),
+        "rate_ema": (H,), "birth_step": (H,),
+    }
+    params = state["params"]
+    if set(params) != set(NEURON_AXIS):
+        fail(f"params are {sorted(params)}, expected {sorted(NEURON_AXIS)}")
+    tensors = dict(params, rate_ema=state["rate_ema"], birth_step=state["birth_step"])
+    for name, shape in expected.items():
+        tensor = tensors[name]
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            fail(f"{name} has shape {getattr(tensor, 'shape', None)}, expected {shape}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            fail(f"{name} holds NaN or Inf")
+    opt_state = state["optimizer"].get("state", {})
+    for index, name in enumerate(NEURON_AXIS):
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = opt_state.get(index, {}).get(key)
+            if moment is not None and tuple(moment.shape) != expected[name]:
+                fail(f"optimizer {key} of {name} has shape {tuple(moment.shape)}, expected {expected[name]}")
+    lif_state = state["lif_state"]
+    if lif_state is not None:
+        for key in ("v", "i"):
+            if lif_state[key].ndim != 2 or lif_state[key].shape[1] != H:
+                fail(f"LIF state {key} has shape {tuple(lif_state[key].shape)}, expected (B, {H})")
