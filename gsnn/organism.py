@@ -261,6 +261,8 @@ class Organism:
         obs = obs.to(self.device).reshape(obs.shape[0], -1)
         if obs.shape[1] != self.config.n_inputs:
             raise ValueError(f"observation has {obs.shape[1]} values per world, expected {self.config.n_inputs}")
+        if not bool(torch.isfinite(obs).all()):
+            raise NonFiniteError(f"observation holds NaN or Inf at decision step {self.stats.decision_steps}")
         return obs
 
     def _check_logits(self, logits: torch.Tensor) -> None:

@@ -1,0 +1,33 @@
+"""``python -m benchmarks [--quick] [--json PATH]``: decisions per second, see benchmarks/decisions.py.
+
+Progress goes to stderr; the table and then the JSON report go to stdout, and the JSON is also
+written to PATH when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from benchmarks.decisions import Settings, run_all, table
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Organism vs naive SNN: decisions per second on one core.")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under a minute)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
+    args = parser.parse_args(argv)
+    settings = Settings.quick() if args.quick else Settings()
+    report = run_all(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(report))
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

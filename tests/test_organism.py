@@ -1,0 +1,270 @@
+"""Growth, pruning, checkpoints, reproducibility and NaN guards of one organism (no Ray)."""
+
+import copy
+
+import pytest
+import torch
+
+from envs import BatchedForagingGrid
+from gsnn import checkpoint
+from gsnn.config import ConfigError, OrganismConfig
+from gsnn.organism import NEURON_AXIS, NonFiniteError, Organism
+from gsnn.train import live
+
+PER_NEURON = ("input_weight", "hidden_bias", "readout_weight")
+
+
+def trained(rule="reinforce", steps=64, worlds=8, **overrides):
+    """An organism that has made a few updates, so its Adam moments are not zero."""
+    config = OrganismConfig(learning_rule=rule, rollout_length=8, grow_interval=10**9,
+                            prune_interval=10**9, **overrides)
+    organism = Organism(config)
+    live(organism, BatchedForagingGrid(worlds, seed=3), steps)
+    assert organism.stats.updates == steps // 8
+    return organism
+
+
+def neuron_tensors(organism):
+    """Every per-neuron tensor, indexed as (name, neuron) -> tensor slice, on the neuron axis."""
+    out = {}
+    for name in PER_NEURON:
+        param = organism.params[name]
+        axis = NEURON_AXIS[name]
+        out[name] = param.detach().clone().movedim(axis, 0)
+        state = organism.optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{name}.{key}"] = state[key].clone().movedim(axis, 0)
+    out["rate_ema"] = organism.rate_ema.clone()
+    out["birth_step"] = organism.birth_step.clone()
+    out["v"] = organism.v.clone().T
+    out["i"] = organism.i.clone().T
+    return out
+
+
+@pytest.mark.parametrize("rule", ["reinforce", "rstdp"])
+def test_growth_keeps_every_existing_neuron_exactly(rule):
+    organism = trained(rule)
+    before = neuron_tensors(organism)
+    optimizer, steps = organism.optimizer, dict(organism.optimizer.state[organism.params["hidden_bias"]])["step"]
+    added = organism.grow(32)
+    assert added == 32 and organism.hidden_neurons == 64 + 32
+    after = neuron_tensors(organism)
+    for key, old in before.items():
+        assert torch.equal(after[key][:64], old), key
+    for name in PER_NEURON:  # newborn Adam moments start at zero
+        assert torch.count_nonzero(after[f"{name}.exp_avg"][64:]) == 0
+        assert torch.count_nonzero(after[f"{name}.exp_avg_sq"][64:]) == 0
+    assert organism.optimizer is optimizer  # never rebuilt: the step count carries on
+    assert torch.equal(organism.optimizer.state[organism.params["hidden_bias"]]["step"], steps)
+    # Readout bias has no neuron axis and is untouched.
+    live(organism, BatchedForagingGrid(8, seed=4), 16)  # learning continues at the new size
+    assert organism.stats.updates == 10
+
+
+def test_growth_stops_at_max_hidden():
+    organism = Organism(OrganismConfig(init_hidden=64, max_hidden=80))
+    assert organism.grow(32) == 16
+    assert organism.grow(32) == 0
+    assert organism.hidden_neurons == 80
+
+
+def test_pruning_removes_exactly_the_silent_neurons():
+    organism = trained(prune_threshold=0.01, prune_grace=0, min_hidden=8)
+    organism.rate_ema = torch.full((64,), 0.05)
+    silent = torch.tensor([3, 10, 11, 40, 63])
+    organism.rate_ema[silent] = torch.tensor([0.0, 0.009, 0.001, 0.0099, 0.0])
+    organism.rate_ema[20] = 0.01  # exactly at the threshold: not silent
+    before = neuron_tensors(organism)
+    mask = organism.silent_neurons()
+    assert torch.equal(torch.nonzero(mask).squeeze(1), silent)
+    organism.prune(mask)
+    keep = torch.tensor([k for k in range(64) if k not in silent.tolist()])
+    after = neuron_tensors(organism)
+    assert organism.hidden_neurons == 59
+    for key, old in before.items():
+        assert torch.equal(after[key], old[keep]), key
+
+
+def test_pruning_respects_grace_and_min_hidden():
+    organism = Organism(OrganismConfig(init_hidden=40, min_hidden=32, prune_grace=100))
+    organism.reset_state(2)
+    organism.rate_ema.zero_()  # everyone silent
+    organism.stats.decision_steps = 50
+    assert not organism.silent_neurons().any()  # all still within the grace period
+    organism.stats.decision_steps = 100
+    organism.rate_ema[:] = torch.linspace(0.004, 0.0, 40)  # the last neurons are the quietest
+    mask = organism.silent_neurons()
+    assert int(mask.sum()) == 8  # never below min_hidden
+    assert torch.equal(torch.nonzero(mask).squeeze(1), torch.arange(32, 40))
+
+
+def test_many_grow_and_prune_cycles_track_every_survivor():
+    organism = trained(steps=32, prune_grace=0, max_hidden=400)
+    # Give each neuron an identity we can follow: its input-weight column is unique.
+    g = torch.Generator().manual_seed(5)
+    expected = neuron_tensors(organism)
+    for cycle in range(6):
+        n_before = organism.hidden_neurons
+        organism.grow(24)
+        after_grow = neuron_tensors(organism)
+        for key in expected:
+            assert torch.equal(after_grow[key][:n_before], expected[key]), (cycle, key)
+        remove = torch.rand(organism.hidden_neurons, generator=g) < 0.3
+        keep = torch.nonzero(~remove).squeeze(1)
+        organism.prune(remove)
+        after_prune = neuron_tensors(organism)
+        for key in after_grow:
+            assert torch.equal(after_prune[key], after_grow[key][keep]), (cycle, key)
+        live(organism, BatchedForagingGrid(8, seed=cycle), 8)  # one more update between cycles
+        expected = neuron_tensors(organism)
+    assert organism.stats.grow_events == 6 and organism.stats.prune_events == 6
+    assert all(torch.isfinite(p).all() for p in organism.params.values())
+
+
+def test_structural_step_grows_when_quiet_and_prunes_silent():
+    config = OrganismConfig(grow_interval=10, prune_interval=10, prune_grace=0, rollout_length=10)
+    organism = Organism(config)
+    organism.reset_state(4)
+    organism.rate_ema.fill_(0.02)  # below grow_threshold 0.05, above prune_threshold
+    organism.rate_ema[:5] = 0.0
+    organism.stats.decision_steps = 10
+    organism.structural_step()
+    assert organism.stats.prune_events == 1 and organism.stats.neurons_removed == 5
+    assert organism.stats.grow_events == 1 and organism.hidden_neurons == 64 - 5 + 32
+    organism.rate_ema.fill_(0.2)  # busy: no growth, nothing silent
+    organism.stats.decision_steps = 20
+    organism.structural_step()
+    assert organism.hidden_neurons == 91 and organism.stats.grow_events == 1
+
+
+def test_same_seed_same_organism_and_actions():
+    def run(seed):
+        organism = Organism(OrganismConfig(seed=seed))
+        env = BatchedForagingGrid(8, seed=1)
+        live(organism, env, 48)
+        obs = env.observe()
+        return organism, organism.act(obs, greedy=False)
+
+    a, actions_a = run(7)
+    b, actions_b = run(7)
+    c, _ = run(8)
+    for name in NEURON_AXIS:
+        assert torch.equal(a.params[name], b.params[name])
+    assert torch.equal(actions_a, actions_b)
+    assert not torch.equal(a.params["input_weight"], c.params["input_weight"])
+
+
+@pytest.mark.parametrize("rule", ["reinforce", "rstdp"])
+def test_checkpoint_restores_exactly_into_an_organism_of_another_size(tmp_path, rule):
+    source = trained(rule, steps=48)
+    source.grow(20)
+    source.prune(torch.arange(source.hidden_neurons) % 7 == 0)
+    path = tmp_path / "organism.ckpt"
+    source.save(path)
+    target = Organism(OrganismConfig(init_hidden=128, max_hidden=512, seed=99))
+    target.load(path)
+    assert target.hidden_neurons == source.hidden_neurons
+    assert_same_state(source.state_dict(), target.state_dict())
+    # Exactly the same future: actions, updates, growth, RNG.
+    env_a, env_b = BatchedForagingGrid(8, seed=11), BatchedForagingGrid(8, seed=11)
+    env_a.reset(seed=11), env_b.reset(seed=11)
+    live(source, env_a, 32, env_a.observe())
+    live(target, env_b, 32, env_b.observe())
+    assert_same_state(source.state_dict(), target.state_dict())
+
+
+def assert_same_state(a, b, where="state"):
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{k}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "magic", "empty", "missing"])
+def test_corrupt_checkpoints_are_refused_and_nothing_is_loaded(tmp_path, damage):
+    path = tmp_path / "organism.ckpt"
+    trained(steps=16).save(path)
+    blob = bytearray(path.read_bytes())
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    elif damage == "flip":
+        blob[len(blob) - 100] ^= 0xFF
+    elif damage == "magic":
+        blob[:8] = b"NOTACKPT"
+    elif damage == "empty":
+        blob = bytearray()
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(bytes(blob))
+    target = Organism(OrganismConfig(init_hidden=100, max_hidden=512, seed=4))
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(checkpoint.CheckpointError):
+        target.load(path)
+    assert_same_state(before, target.state_dict())
+
+
+def test_checkpoint_with_inconsistent_shapes_or_nan_is_refused(tmp_path):
+    state = trained(steps=16).state_dict()
+    bad_shape = copy.deepcopy(state)
+    bad_shape["params"]["readout_weight"] = torch.zeros(10, 4)
+    bad_nan = copy.deepcopy(state)
+    bad_nan["params"]["hidden_bias"][0] = float("nan")
+    for bad in (bad_shape, bad_nan):
+        checkpoint.save(bad, tmp_path / "bad.ckpt")  # an intact file holding a bad organism
+        target = Organism()
+        with pytest.raises(checkpoint.CheckpointError, match="checkpoint refused"):
+            target.load(tmp_path / "bad.ckpt")
+        assert target.hidden_neurons == 64
+
+
+def test_nan_observation_raises_instead_of_acting():
+    organism = Organism()
+    obs = torch.zeros(4, 2, 15, 15)
+    obs[0, 1, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="observation holds NaN"):
+        organism.act(obs)
+    with pytest.raises(NonFiniteError, match="observation holds NaN"):
+        organism.learn_act(obs)
+
+
+def test_nan_rewards_are_skipped_then_raise():
+    organism = Organism(OrganismConfig(rollout_length=2, max_nonfinite_updates=2))
+    env = BatchedForagingGrid(4, seed=0)
+    obs = env.reset()
+    before = {k: p.detach().clone() for k, p in organism.params.items()}
+    nan_reward = torch.full((4,), float("nan"))
+    done = torch.zeros(4, dtype=torch.bool)
+    for update in range(2):  # two bad updates: skipped, counted, weights untouched
+        for _ in range(2):
+            organism.learn_act(obs)
+            organism.learn_feedback(nan_reward, done)
+        assert organism.stats.nonfinite_updates_skipped == update + 1
+    for k, p in organism.params.items():
+        assert torch.equal(p, before[k])
+    with pytest.raises(NonFiniteError, match="consecutive updates"):
+        for _ in range(2):
+            organism.learn_act(obs)
+            organism.learn_feedback(nan_reward, done)
+
+
+def test_config_errors_name_the_field_and_range():
+    with pytest.raises(ConfigError, match=r"^grow_threshold: must be a number in \[0.0, 1.0\], got 2"):
+        OrganismConfig(grow_threshold=2)
+    with pytest.raises(ConfigError, match=r"^learning_rule: must be one of 'reinforce', 'rstdp'"):
+        OrganismConfig(learning_rule="hebb")
+    with pytest.raises(ConfigError, match=r"^init_hidden: must lie in \[min_hidden, max_hidden\]"):
+        OrganismConfig(init_hidden=600)
+    with pytest.raises(ConfigError, match=r"^neurons_per_grow: must be an integer"):
+        OrganismConfig(neurons_per_grow=2.5)
+    with pytest.raises(ConfigError, match=r"^bogus: unknown organism setting"):
+        OrganismConfig.from_dict({"bogus": 1})
