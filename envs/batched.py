@@ -96,14 +96,20 @@ class BatchedForagingGrid:
         self.agent = agent.clone()
         self.food = food.clone()
         self.steps = (
-            torch.zeros_like(self.steps) if steps is None else torch.as_tensor(steps).to(self.steps)
+            torch.zeros_like(self.steps) if steps is None
+            else torch.as_tensor(steps, dtype=torch.long, device=self.device).reshape(self.num_worlds).clone()
         )
         self.episode_food.zero_()
 
     def step(self, actions: torch.Tensor, spawn_draws: torch.Tensor | None = None) -> StepResult:
         """Advance every world by one action. ``spawn_draws`` (B,) int64 overrides the random
         spawn draws (see ``envs.rules``); used by the tests that compare with ForagingGrid."""
-        actions = actions.to(device=self.device, dtype=torch.long)
+        actions = torch.as_tensor(actions, device=self.device)
+        if actions.shape != (self.num_worlds,) or actions.is_floating_point() or actions.dtype == torch.bool:
+            raise ValueError(f"actions must be {self.num_worlds} integers in [0, 3], got {tuple(actions.shape)} {actions.dtype}")
+        actions = actions.long()
+        if bool(((actions < 0) | (actions >= rules.N_ACTIONS)).any()):
+            raise ValueError("actions must be integers in [0, 3]")
         target = self.agent + self._deltas[actions]
         bumped = ((target < 0) | (target >= self.size)).any(dim=1)
         self.agent = torch.where(bumped.unsqueeze(1), self.agent, target)
@@ -120,7 +126,10 @@ class BatchedForagingGrid:
                 0, 1 << rules.SPAWN_DRAW_BITS, (self.num_worlds,),
                 generator=self.generator, device=self.device,
             )
-        self._spawn(eaten, spawn_draws.to(device=self.device, dtype=torch.long))
+        spawn_draws = spawn_draws.to(device=self.device, dtype=torch.long)
+        if bool(((spawn_draws < 0) | (spawn_draws >= 1 << rules.SPAWN_DRAW_BITS)).any()):
+            raise ValueError(f"spawn_draws must lie in [0, 2**{rules.SPAWN_DRAW_BITS})")
+        self._spawn(eaten, spawn_draws)
         self.episode_food += eaten.long()
         self.steps += 1
         done = self.steps >= self.max_steps

@@ -119,7 +119,7 @@ class ForagingGrid(gym.Env):
             raise ValueError(f"ForagingGrid.reset takes no options, got {sorted(options)}")
 
     def step(self, action):
-        if not self.action_space.contains(action):
+        if isinstance(action, bool) or not self.action_space.contains(action):
             raise ValueError(f"action must be an int in [0, 3], got {action!r}")
         draw = int(self.np_random.integers(0, 1 << rules.SPAWN_DRAW_BITS))
         reward = self.transition(int(action), draw)
@@ -222,7 +222,7 @@ class SeasonalForagingGrid(ForagingGrid):
         if options:
             raise ValueError(f"SeasonalForagingGrid.reset takes only 'season', got {sorted(options)}")
         if pinned is not None:
-            if not isinstance(pinned, (int, np.integer)) or not 0 <= pinned < rules.N_SEASONS:
+            if isinstance(pinned, bool) or not isinstance(pinned, (int, np.integer)) or not 0 <= pinned < rules.N_SEASONS:
                 raise ValueError(f"season must be an int in [0, {rules.N_SEASONS - 1}], got {pinned!r}")
             self.season = int(pinned)
         else:
@@ -236,9 +236,9 @@ class SeasonalForagingGrid(ForagingGrid):
 
 
 def validate_world_args(size, n_food, max_steps, obs_mode, walls) -> None:
-    if not isinstance(size, int) or size < 3:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 3:
         raise ValueError(f"size must be an int >= 3, got {size!r}")
-    if not isinstance(n_food, int) or not 1 <= n_food <= size * size - 1:
+    if isinstance(n_food, bool) or not isinstance(n_food, int) or not 1 <= n_food <= size * size - 1:
         raise ValueError(f"n_food must be an int in [1, {size * size - 1}], got {n_food!r}")
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")

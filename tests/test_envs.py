@@ -490,11 +490,6 @@ def test_batched_auto_reset_at_max_steps():
     assert reported > 0  # dense food: some finished episodes did collect food
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: BatchedForagingGrid.set_state keeps the caller's steps tensor (Tensor.to returns "
-    "self when dtype/device already match), so step() increments the caller's tensor in place",
-)
 def test_set_state_copies_steps():
     env = BatchedForagingGrid(2, max_steps=BIG)
     steps = torch.tensor([3, 5])
@@ -502,6 +497,15 @@ def test_set_state_copies_steps():
     env.step(torch.tensor([0, 0]))
     assert env.steps.tolist() == [4, 6]
     assert steps.tolist() == [3, 5]  # the caller's tensor is left alone
+
+
+def test_batched_step_rejects_bad_actions_and_draws():
+    env = BatchedForagingGrid(2, seed=0)
+    for bad in (torch.tensor([0, 4]), torch.tensor([-1, 0]), torch.tensor([0.0, 1.0]), torch.tensor([0, 1, 2])):
+        with pytest.raises(ValueError, match="actions"):
+            env.step(bad)
+    with pytest.raises(ValueError, match="spawn_draws"):
+        env.step(torch.tensor([0, 0]), spawn_draws=torch.tensor([0, 1 << 24]))
 
 
 def test_batched_auto_reset_only_touches_finished_worlds():
