@@ -393,6 +393,16 @@ class Organism:
             if not bool(torch.isfinite(param).all()):
                 raise NonFiniteError(f"parameter {name} became non-finite after update {self.stats.updates}")
 
+    @torch.no_grad()
+    def perturb_weights(self, scale: float) -> None:
+        """Weight-level explore: add Gaussian noise of ``scale`` x each weight tensor's standard
+        deviation to every weight and bias, from the organism's own random stream."""
+        for param in self.params.values():
+            spread = float(param.std()) if param.numel() > 1 else 0.0
+            if spread > 0 and scale > 0:
+                noise = torch.randn(param.shape, generator=self.generator, device=self.device)
+                param.add_(noise * (scale * spread))
+
     def set_learning_rate(self, learning_rate: float) -> None:
         self.config.learning_rate = float(learning_rate)
         self.config.validate()

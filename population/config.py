@@ -1,0 +1,244 @@
+"""The run's configuration: a YAML file from ``tune_configs/`` plus CLI overrides, checked whole
+before Ray starts. Any problem is a ``ConfigError`` whose message is one line naming the field
+(as ``section.key``) and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from envs.rules import OBSERVATION_MODES, WALL_ENCODINGS
+from gsnn.config import Bound, ConfigError, OrganismConfig, bounded
+
+DEFAULT_CONFIG = "default.yaml"
+# Settings PBT may mutate: every OrganismConfig field, plus the weight-level explore scale.
+EXTRA_MUTABLE = {"weight_noise": Bound(float, 0.0, 10.0)}
+
+
+@dataclasses.dataclass
+class PopulationSettings:
+    size: int = bounded(32, int, 2, 100_000)
+    generations: int = bounded(12, int, 1, 100_000)
+    episodes_per_generation: int = bounded(2, int, 1, 100_000)
+    worlds: int = bounded(16, int, 1, 65_536)
+    eval_worlds: int = bounded(32, int, 1, 65_536)
+    eval_seed: int = bounded(100_000, int, 0, 2**62)
+    seed: int = bounded(0, int, 0, 2**31 - 1)
+
+
+@dataclasses.dataclass
+class WorldSettings:
+    obs_mode: str = bounded("egocentric", str, choices=OBSERVATION_MODES)
+    walls: str = bounded("border", str, choices=WALL_ENCODINGS)
+
+
+@dataclasses.dataclass
+class PBTSettings:
+    perturbation_interval: int = bounded(2, int, 1, 100_000)
+    quantile_fraction: float = bounded(0.25, float, 0.01, 0.5)
+    resample_probability: float = bounded(0.25, float, 0.0, 1.0)
+
+
+@dataclasses.dataclass
+class RaySettings:
+    dashboard_host: str = "127.0.0.1"
+    metrics_export_port: int = bounded(8090, int, 1024, 65535)
+    max_failures: int = bounded(3, int, 0, 1000)
+
+
+@dataclasses.dataclass
+class ResourceSettings:
+    cpus_per_organism: Any = "auto"
+    gpus_per_organism: Any = "auto"
+    torch_threads: int = bounded(1, int, 1, 256)
+
+
+@dataclasses.dataclass
+class Mutation:
+    """One mutated setting: ``log_uniform: [low, high]`` or ``choice: [a, b, ...]``."""
+
+    name: str
+    kind: str
+    values: list
+
+    def describe(self) -> dict:
+        return {self.kind: list(self.values)}
+
+
+@dataclasses.dataclass
+class RunConfig:
+    population: PopulationSettings
+    world: WorldSettings
+    organism: dict  # OrganismConfig fields given in the file (defaults fill the rest)
+    pbt: PBTSettings
+    mutations: dict[str, Mutation]
+    resources: ResourceSettings
+    ray: RaySettings
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "population": dataclasses.asdict(self.population),
+            "world": dataclasses.asdict(self.world),
+            "organism": dict(self.organism),
+            "pbt": dict(dataclasses.asdict(self.pbt), mutations={k: m.describe() for k, m in self.mutations.items()}),
+            "resources": dataclasses.asdict(self.resources),
+            "ray": dataclasses.asdict(self.ray),
+        }
+
+
+SECTIONS = {
+    "population": PopulationSettings,
+    "world": WorldSettings,
+    "pbt": PBTSettings,
+    "resources": ResourceSettings,
+    "ray": RaySettings,
+}
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("tune_configs").joinpath(DEFAULT_CONFIG)))
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"--config: {path}{line} is not valid YAML") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections")
+    return data
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    """Set ``section.key`` (or ``pbt.mutations.name``) in the raw config mapping."""
+    parts = dotted.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {dotted}: expected section.key=value")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_value(raw: str) -> Any:
+    """A CLI value as YAML would read it (numbers, booleans, lists, strings)."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def build(data: dict, source: str = "") -> RunConfig:
+    data = copy.deepcopy(data)
+    known = set(SECTIONS) | {"organism"}
+    for section in data:
+        if section not in known:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(sorted(known))})")
+    settings = {}
+    for section, cls in SECTIONS.items():
+        raw = dict(data.get(section) or {})
+        if section == "pbt":
+            raw.pop("mutations", None)
+        settings[section] = _build_section(section, cls, raw)
+    organism_raw = data.get("organism") or {}
+    if not isinstance(organism_raw, dict):
+        raise ConfigError("organism: must be a mapping of organism settings")
+    OrganismConfig.from_dict(organism_raw, where="organism.")  # checks names, types, ranges
+    mutations = _build_mutations((data.get("pbt") or {}).get("mutations") or {}, organism_raw)
+    _check_resources(settings["resources"])
+    config = RunConfig(
+        population=settings["population"], world=settings["world"], organism=dict(organism_raw),
+        pbt=settings["pbt"], mutations=mutations, resources=settings["resources"], ray=settings["ray"],
+        source=source,
+    )
+    return config
+
+
+def _build_section(section: str, cls, raw) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: must be a mapping")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{section}.{key}: unknown setting (known: {', '.join(sorted(names))})")
+        bound = names[key].metadata.get("bound")
+        values[key] = bound.check(f"{section}.{key}", value) if bound else value
+    if section == "ray" and values.get("dashboard_host", "127.0.0.1") == "":
+        raise ConfigError("ray.dashboard_host: must be a host address such as 127.0.0.1")
+    return cls(**values)
+
+
+def _check_resources(res: ResourceSettings) -> None:
+    for name, high in (("cpus_per_organism", 64.0), ("gpus_per_organism", 1.0)):
+        value = getattr(res, name)
+        if value == "auto":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= high) or (
+            name == "cpus_per_organism" and value <= 0
+        ):
+            low = "(0" if name == "cpus_per_organism" else "[0"
+            raise ConfigError(f"resources.{name}: must be 'auto' or a number in {low}, {high:g}], got {value!r}")
+
+
+def _build_mutations(raw: dict, organism_raw: dict) -> dict[str, Mutation]:
+    if not isinstance(raw, dict):
+        raise ConfigError("pbt.mutations: must be a mapping of setting -> {log_uniform|choice: [...]}")
+    organism_fields = {f.name: f.metadata["bound"] for f in dataclasses.fields(OrganismConfig)}
+    mutations = {}
+    for name, spec in raw.items():
+        where = f"pbt.mutations.{name}"
+        bound = organism_fields.get(name) or EXTRA_MUTABLE.get(name)
+        if bound is None or name in ("seed", "n_inputs", "n_actions"):
+            raise ConfigError(f"{where}: not a setting PBT can mutate")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("log_uniform", "choice"):
+            raise ConfigError(f"{where}: must be {{log_uniform: [low, high]}} or {{choice: [a, b, ...]}}")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.{kind}: must be a non-empty list")
+        values = [bound.check(where, v) for v in values]
+        if kind == "log_uniform":
+            if bound.kind is not float or len(values) != 2 or not 0 < values[0] < values[1]:
+                raise ConfigError(f"{where}.log_uniform: must be [low, high] with 0 < low < high, for a real-valued setting")
+        mutations[name] = Mutation(name, kind, values)
+    # Impossible combinations: every mutated value must make a valid organism with the others.
+    grow, prune = mutations.get("grow_threshold"), mutations.get("prune_threshold")
+    fixed = OrganismConfig.from_dict(organism_raw)
+    grow_low = min(grow.values) if grow else fixed.grow_threshold
+    prune_high = max(prune.values) if prune else fixed.prune_threshold
+    if prune_high > grow_low:
+        raise ConfigError(
+            f"pbt.mutations.prune_threshold: its highest value ({prune_high}) must not exceed the lowest "
+            f"grow_threshold ({grow_low}), or an organism could prune more eagerly than it grows"
+        )
+    return mutations
+
+
+def clip_to_mutation(config: dict, mutations: dict[str, Mutation]) -> dict:
+    """PBT multiplies real values by 0.8 or 1.2 without bounds: keep them in their ranges."""
+    for name, mutation in mutations.items():
+        if mutation.kind == "log_uniform" and name in config:
+            low, high = mutation.values
+            config[name] = float(min(max(config[name], low), high))
+    return config
+
+
+def log_uniform_sample(rng, low: float, high: float) -> float:
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))

@@ -1,0 +1,293 @@
+"""The main job: a population of organisms evolved by Ray Tune's Population Based Training.
+
+    python -m population.run --pop 32
+
+Read top to bottom: arguments, configuration (checked before Ray starts), seeding, Ray, the PBT
+scheduler and Tuner, the run, the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gsnn.config import ConfigError
+from population import config as run_config
+
+RESOLVED_CONFIG = "run_config.json"
+TUNE_DIR = "tune"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m population.run", description=__doc__.splitlines()[0])
+    p.add_argument("--pop", type=int, help="population size (organisms = trials = actors)")
+    p.add_argument("--generations", type=int, help="generations (training iterations)")
+    p.add_argument("--config", help="experiment YAML (default: tune_configs/default.yaml)")
+    p.add_argument("--output", help="run directory (default: runs/<config>-<time> under the working directory)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local instance")
+    p.add_argument("--seed", type=int, help="seed of the whole run")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
+    p.add_argument("--cpus-per-organism", type=float, help="CPU share of each organism's actor")
+    p.add_argument("--gpus-per-organism", type=float, help="GPU share of each organism's actor (0 for CPU)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config value, e.g. --set population.worlds=8 (repeatable)")
+    p.add_argument("--ray-temp-dir", help="Ray's temporary directory for the local instance")
+    return p.parse_args(argv)
+
+
+def resolve(args) -> tuple[run_config.RunConfig, Path, bool]:
+    """Everything checked before Ray starts. Returns (config, run directory, resuming)."""
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        given = [flag for flag, value in (("--pop", args.pop), ("--generations", args.generations),
+                 ("--config", args.config), ("--output", args.output), ("--seed", args.seed),
+                 ("--set", args.set or None)) if value is not None]
+        if given:
+            raise ConfigError(f"--resume: continues a run as it was configured; drop {', '.join(given)}")
+        saved = run_dir / RESOLVED_CONFIG
+        if not saved.is_file() or not (run_dir / TUNE_DIR).is_dir():
+            raise ConfigError(f"--resume: {run_dir} is not a population.run directory (no {RESOLVED_CONFIG} or {TUNE_DIR}/)")
+        data = json.loads(saved.read_text())
+        _apply_resource_flags(data, args)
+        return run_config.build(data, source=str(saved)), run_dir, True
+    path = Path(args.config) if args.config else run_config.default_config_path()
+    data = run_config.load_yaml(path)
+    for flag, key, value in (("--pop", "population.size", args.pop),
+                             ("--generations", "population.generations", args.generations),
+                             ("--seed", "population.seed", args.seed)):
+        if value is not None:
+            run_config.apply_override(data, key, value)
+    _apply_resource_flags(data, args)
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        run_config.apply_override(data, key, run_config.parse_value(raw))
+    config = run_config.build(data, source=str(path))
+    if args.output:
+        run_dir = Path(args.output).resolve()
+        if (run_dir / RESOLVED_CONFIG).exists():
+            raise ConfigError(f"--output: {run_dir} already holds a run; use --resume {run_dir} to continue it")
+    else:
+        run_dir = Path.cwd() / "runs" / f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return config, run_dir, False
+
+
+def _apply_resource_flags(data: dict, args) -> None:
+    for key, value in (("resources.cpus_per_organism", args.cpus_per_organism),
+                       ("resources.gpus_per_organism", args.gpus_per_organism)):
+        if value is not None:
+            run_config.apply_override(data, key, value)
+
+
+def start_ray(config: run_config.RunConfig, args) -> None:
+    import ray
+
+    if args.address:
+        ray.init(address=args.address, log_to_driver=True)
+        return
+    # The embedded default: a local instance on loopback only, dashboard and metrics included.
+    ray.init(
+        include_dashboard=True,
+        dashboard_host=config.ray.dashboard_host,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=config.ray.metrics_export_port,
+        _temp_dir=args.ray_temp_dir,
+        log_to_driver=True,
+    )
+
+
+def organism_resources(config: run_config.RunConfig) -> dict:
+    import ray
+
+    cluster = ray.cluster_resources()
+    size = config.population.size
+    cpus = config.resources.cpus_per_organism
+    if cpus == "auto":
+        cpus = max(0.01, min(1.0, int(100 * cluster.get("CPU", 1) / size) / 100))
+    gpus = config.resources.gpus_per_organism
+    if gpus == "auto":
+        gpus = int(100 * cluster.get("GPU", 0) / size) / 100 if cluster.get("GPU", 0) else 0.0
+    return {"cpu": float(cpus), "gpu": float(gpus)}
+
+
+def initial_values(config: run_config.RunConfig) -> list[dict]:
+    """Each organism's starting value of every mutated setting, drawn from its range, seeded."""
+    rng = random.Random(config.population.seed)
+    values = []
+    for _ in range(config.population.size):
+        chosen = {}
+        for name, mutation in config.mutations.items():
+            if mutation.kind == "log_uniform":
+                chosen[name] = run_config.log_uniform_sample(rng, *mutation.values)
+            else:
+                chosen[name] = rng.choice(mutation.values)
+        values.append(chosen)
+    return values
+
+
+def build_tuner(config: run_config.RunConfig, run_dir: Path, resume: bool, printer=print):
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from population.report import GenerationLog
+    from population.trainable import OrganismTrainable
+
+    trainable = tune.with_resources(OrganismTrainable, organism_resources(config))
+    callback = GenerationLog(str(run_dir), config.population.size, config.population.generations,
+                             config.to_dict(), printer=printer)
+    if resume:
+        tuner = tune.Tuner.restore(str(run_dir / TUNE_DIR), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=True)
+        return tuner
+    starts = initial_values(config)
+    param_space = {"run": config.to_dict(), "trial_index": tune.grid_search(list(range(config.population.size)))}
+    for name in config.mutations:
+        param_space[name] = tune.sample_from(lambda trial_config, name=name: starts[trial_config["trial_index"]][name])
+    mutations = {
+        name: (tune.loguniform(*m.values) if m.kind == "log_uniform" else list(m.values))
+        for name, m in config.mutations.items()
+    }
+    scheduler = PopulationBasedTraining(
+        time_attr="training_iteration",
+        metric="fitness",
+        mode="max",
+        perturbation_interval=config.pbt.perturbation_interval,
+        hyperparam_mutations=mutations,
+        quantile_fraction=config.pbt.quantile_fraction,
+        resample_probability=config.pbt.resample_probability,
+        custom_explore_fn=lambda c: run_config.clip_to_mutation(c, config.mutations),
+        # Asynchronous PBT: a trial is only paused when it is exploited. (synch=True pauses every
+        # trial at every perturbation, and Tune then resumes them nearly one at a time.)
+        synch=False,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(run_dir),
+            stop={"training_iteration": config.population.generations},
+            # Every checkpoint is kept: asynchronous PBT may clone any trial's latest-but-N checkpoint.
+            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=None),
+            failure_config=tune.FailureConfig(max_failures=config.ray.max_failures),
+            callbacks=[callback],
+            verbose=0,
+        ),
+    )
+
+
+def best_organism(results) -> dict | None:
+    best = None
+    for result in results:
+        if result.metrics is None or result.checkpoint is None:
+            continue
+        fitness = result.metrics.get("fitness")
+        if fitness is None or fitness != fitness:
+            continue
+        if best is None or fitness > best["fitness"]:
+            best = {
+                "trial_id": result.metrics.get("trial_id"),
+                "fitness": fitness,
+                "generation": result.metrics.get("generation"),
+                "hidden_neurons": result.metrics.get("hidden_neurons"),
+                "energy_per_decision_joules": result.metrics.get("energy_per_decision_joules"),
+                "grow_threshold": result.metrics.get("grow_threshold"),
+                "prune_threshold": result.metrics.get("prune_threshold"),
+                "checkpoint": str(Path(result.checkpoint.path) / "organism.ckpt"),
+            }
+    return best
+
+
+def reference_food(config: run_config.RunConfig) -> dict:
+    from envs.policies import mean_food_per_episode
+    from gsnn.train import WorldConfig
+
+    world = WorldConfig(num_worlds=config.population.eval_worlds, obs_mode=config.world.obs_mode,
+                        walls=config.world.walls)
+    seed = config.population.eval_seed
+    return {policy: mean_food_per_episode(world.make(seed=seed), policy, seed=seed)
+            for policy in ("random", "greedy")}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config, run_dir, resume = resolve(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    # Seeding: PBT's own choices use Python's and NumPy's global generators.
+    random.seed(config.population.seed)
+    np.random.seed(config.population.seed)
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / RESOLVED_CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
+    print(f"run directory: {run_dir}", flush=True)
+    print(
+        f"{'resuming' if resume else 'starting'}: {config.population.size} organisms x "
+        f"{config.population.generations} generations, PBT every {config.pbt.perturbation_interval}",
+        flush=True,
+    )
+
+    import ray
+
+    from population.trainable import quiet_tune_logs
+
+    quiet_tune_logs()
+    start_ray(config, args)
+    try:
+        res = organism_resources(config)
+        print(f"resources per organism: {res['cpu']:g} CPU, {res['gpu']:g} GPU "
+              f"(cluster: {ray.cluster_resources().get('CPU', 0):g} CPU, "
+              f"{ray.cluster_resources().get('GPU', 0):g} GPU)", flush=True)
+        started = time.time()
+        tuner = build_tuner(config, run_dir, resume, printer=lambda line: print(line, flush=True))
+        results = tuner.fit()
+        elapsed = time.time() - started
+        from population import report
+
+        rows = report.read_rows(run_dir)
+        best = best_organism(results)
+        references = reference_food(config)
+        summary = report.write_summary(
+            run_dir, config.to_dict(), rows, config.population.size, best,
+            extra={"references": references, "wall_seconds": elapsed,
+                   "errors": [str(r.error) for r in results if r.error is not None]},
+        )
+        report.write_plots(run_dir, summary["generations"])
+    finally:
+        ray.shutdown()
+
+    errors = summary["errors"]
+    if best:
+        last = summary["generations"][-1] if summary["generations"] else None
+        print(
+            f"best organism: trial {best['trial_id']}  fitness {best['fitness']:.1f} food/episode "
+            f"(random {references['random']:.1f}, greedy walk {references['greedy']:.1f})  "
+            f"{best['hidden_neurons']} hidden neurons  "
+            f"{best['energy_per_decision_joules'] * 1e9:.1f} nJ/decision"
+        )
+        if last:
+            print(f"population mean fitness at generation {last['generation']}: {last['mean_fitness']:.1f}")
+        print(f"checkpoint: {best['checkpoint']}")
+    print(f"outputs: {run_dir / report.SUMMARY_FILE}, {run_dir / report.ROWS_FILE}, plots *.png  ({elapsed:.0f} s)")
+    if errors:
+        print(f"{len(errors)} trial(s) failed; first error: {errors[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
