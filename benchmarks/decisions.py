@@ -2,7 +2,9 @@
 
 All figures come from ONE run on ONE core (``torch.set_num_threads(1)``); every rate is the median
 over several timed repeats that follow a warm-up. A *decision* is one world choosing one action,
-so a batch step of B worlds counts B decisions.
+so a batch step of B worlds counts B decisions. Each rate also records its CPU share (thread CPU
+time / wall time): on a shared machine, a share below ~0.95 means other processes took the core
+and the wall-clock figures of that run understate the code (the table then prints a warning).
 
 What is measured
 ----------------
@@ -21,8 +23,14 @@ naive_reference
     gymnasium ``envs.ForagingGrid`` stepped after every decision; per decision T = 10 steps of
     ``norse.torch.LIFCell`` (default parameters, state carried across decisions), each step
     recomputing the dense input current ``torch.nn.Linear(450, H)`` from the 450-vector; readout
-    ``torch.nn.Linear(H, 4)`` on the spike counts; argmax. It runs under ``torch.no_grad()``
-    (which only helps it). A fixed number of decisions is timed after a warm-up.
+    ``torch.nn.Linear(H, 4)`` on the spike counts; argmax. The headline rate runs under
+    ``torch.no_grad()`` (which only helps it); the same loop with autograd on (state detached
+    between decisions) is reported beside it. A fixed number of decisions is timed after a
+    warm-up.
+
+env_step
+    ``BatchedForagingGrid.step`` alone with pre-drawn random actions, per batch size: the ceiling
+    that the full loop can never exceed whatever the organism costs.
 
 ratios
     ``organism_eval`` (batch 256, full loop) / ``naive_reference`` at the same H.
@@ -61,37 +69,57 @@ TARGET_RATIO_H512 = 300.0
 class Settings:
     hidden_sizes: tuple[int, ...] = (64, 256, 512, 1024)
     batch_sizes: tuple[int, ...] = (64, 256)
-    repeats: int = 7  # timed repeats per measurement (the median is reported)
-    repeat_seconds: float = 0.4  # aim for about this long per timed repeat (organism, matmul)
+    repeats: int = 9  # timed repeats per measurement (the median is reported)
+    repeat_seconds: float = 0.5  # aim for about this long per timed repeat (organism, matmul)
     warmup_seconds: float = 0.2
-    naive_decisions: int = 200  # decisions per timed repeat of the naive reference
-    naive_repeats: int = 3
+    naive_decisions: int = 400  # decisions per timed repeat of the naive reference
+    naive_repeats: int = 7
     observation_batches: int = 32  # pre-generated observation batches for organism_only
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(hidden_sizes=(64, 512), batch_sizes=(256,), repeats=3, repeat_seconds=0.25,
-                   warmup_seconds=0.1, naive_decisions=200, naive_repeats=2, observation_batches=16)
+        return cls(hidden_sizes=(64, 512), batch_sizes=(256,), repeats=5, repeat_seconds=0.3,
+                   warmup_seconds=0.1, naive_decisions=200, naive_repeats=5, observation_batches=16)
 
 
 # -- timing ----------------------------------------------------------------------------------------
 @dataclass
 class Rate:
-    """Decisions (or GFLOP) per second: the median over repeats, with the spread."""
+    """Units per second (decisions, or matrix multiplications) over timed repeats.
+
+    ``median``/``low``/``high`` are wall-clock rates (median, slowest and fastest repeat): the
+    headline. ``cpu_median`` is the median rate per CPU-second of this thread and ``cpu_share``
+    the median of thread CPU time / wall time: below about 0.95 other processes took the core
+    away during the measurement, and ``cpu_median`` is the better estimate of the code's speed
+    (it still includes any cache and memory-bandwidth contention)."""
 
     median: float
     low: float
     high: float
+    cpu_median: float
+    cpu_share: float
     repeats: int
     units_per_repeat: int  # decisions (or multiplications) per timed repeat
 
-    @classmethod
-    def of(cls, rates: list[float], units: int) -> "Rate":
-        return cls(statistics.median(rates), min(rates), max(rates), len(rates), units)
+
+def repeat_timed(run: Callable[[], None], units: int, repeats: int) -> Rate:
+    """Time ``repeats`` calls of ``run()``, each doing ``units`` units of work."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        run()
+        cpus.append(time.thread_time() - cpu0)
+        walls.append(time.perf_counter() - wall0)
+    rates = [units / wall for wall in walls]
+    return Rate(
+        median=statistics.median(rates), low=min(rates), high=max(rates),
+        cpu_median=statistics.median(units / max(cpu, 1e-9) for cpu in cpus),
+        cpu_share=statistics.median(cpu / wall for cpu, wall in zip(cpus, walls)),
+        repeats=repeats, units_per_repeat=units,
+    )
 
 
-def timed_rate(run: Callable[[int], None], units_per_call: int, settings: Settings,
-               min_calls: int = 1) -> Rate:
+def timed_rate(run: Callable[[int], None], units_per_call: int, settings: Settings) -> Rate:
     """``run(n)`` does n calls of ``units_per_call`` units each. Warm up for ``warmup_seconds``,
     pick n so that one repeat lasts about ``repeat_seconds``, then time ``repeats`` repeats."""
     run(1)
@@ -100,13 +128,8 @@ def timed_rate(run: Callable[[int], None], units_per_call: int, settings: Settin
         run(1)
         calls += 1
     per_call = (time.perf_counter() - start) / calls
-    n = max(min_calls, round(settings.repeat_seconds / per_call))
-    rates = []
-    for _ in range(settings.repeats):
-        t0 = time.perf_counter()
-        run(n)
-        rates.append(n * units_per_call / (time.perf_counter() - t0))
-    return Rate.of(rates, n * units_per_call)
+    n = max(1, round(settings.repeat_seconds / per_call))
+    return repeat_timed(lambda: run(n), n * units_per_call, settings.repeats)
 
 
 # -- 1. the organism -------------------------------------------------------------------------------
@@ -187,32 +210,54 @@ class NaiveAgent:
 
 
 def measure_naive(hidden: int, settings: Settings, seed: int = 0) -> dict:
+    """Headline: under ``torch.no_grad()``. Also reported: the same loop with autograd on (as a
+    plain nn.Module prototype would run it), the LIF state detached between decisions."""
     from envs import ForagingGrid
 
     agent = NaiveAgent(hidden, seed)
     env = ForagingGrid()
     observation, _ = env.reset(seed=seed)
 
-    def run(n: int) -> None:
+    def run(n: int, detach: bool) -> None:
         nonlocal observation
         for _ in range(n):
             observation, _, terminated, truncated, _ = env.step(agent.decide(observation))
+            if detach:
+                agent.state = type(agent.state)(*(t.detach() for t in agent.state))
             if terminated or truncated:
                 observation, _ = env.reset()
                 agent.state = None
 
-    with torch.no_grad():
-        run(20)
-        start, calls = time.perf_counter(), 0
-        while time.perf_counter() - start < settings.warmup_seconds:
-            run(10)
-            calls += 10
-        rates = []
-        for _ in range(settings.naive_repeats):
-            t0 = time.perf_counter()
-            run(settings.naive_decisions)
-            rates.append(settings.naive_decisions / (time.perf_counter() - t0))
-    return {"hidden": hidden, "batch": 1, "decisions_per_s": asdict(Rate.of(rates, settings.naive_decisions))}
+    def rate(grad: bool) -> Rate:
+        with torch.set_grad_enabled(grad):
+            run(20, grad)
+            start = time.perf_counter()
+            while time.perf_counter() - start < settings.warmup_seconds:
+                run(10, grad)
+            return repeat_timed(lambda: run(settings.naive_decisions, grad), settings.naive_decisions,
+                                settings.naive_repeats)
+
+    return {"hidden": hidden, "batch": 1, "decisions_per_s": asdict(rate(False)),
+            "decisions_per_s_autograd": asdict(rate(True))}
+
+
+# -- the env alone (the ceiling of the full loop) --------------------------------------------------
+def measure_env(batch: int, settings: Settings, seed: int = 0) -> dict:
+    """World-steps/s of BatchedForagingGrid.step with pre-drawn random actions: no organism."""
+    from envs import BatchedForagingGrid
+
+    env = BatchedForagingGrid(batch, seed=seed)
+    env.reset()
+    actions = torch.randint(0, N_ACTIONS, (64, batch), generator=torch.Generator().manual_seed(seed))
+    position = 0
+
+    def run(n: int) -> None:
+        nonlocal position
+        for _ in range(n):
+            env.step(actions[position])
+            position = (position + 1) % len(actions)
+
+    return {"batch": batch, "steps_per_s": asdict(timed_rate(run, batch, settings))}
 
 
 # -- 4. dense matrix multiply ----------------------------------------------------------------------
@@ -230,7 +275,8 @@ def measure_matmul(settings: Settings) -> dict:
         rate = timed_rate(run, 1, settings)
         gflops = 2.0 * m * k * n / 1e9
         results[name] = {"gflops": gflops * rate.median, "gflops_low": gflops * rate.low,
-                         "gflops_high": gflops * rate.high, "multiplications_per_repeat": rate.units_per_repeat}
+                         "gflops_high": gflops * rate.high, "gflops_per_cpu_second": gflops * rate.cpu_median,
+                         "cpu_share": rate.cpu_share, "multiplications_per_repeat": rate.units_per_repeat}
     best = max(results.values(), key=lambda r: r["gflops"])["gflops"]
     return {"shapes": results, "matrix_gflops": best}
 
@@ -267,11 +313,16 @@ def run_all(settings: Settings, log: Callable[[str], None] = print) -> dict:
         for batch in settings.batch_sizes:
             log(f"organism H={hidden} B={batch} ...")
             report["organism_eval"].append(measure_organism(hidden, batch, settings))
+    report["env_step"] = []
+    for batch in settings.batch_sizes:
+        log(f"env B={batch} ...")
+        report["env_step"].append(measure_env(batch, settings))
     report["naive_reference"] = []
     for hidden in settings.hidden_sizes:
         log(f"naive H={hidden} ...")
         report["naive_reference"].append(measure_naive(hidden, settings))
     report["ratios"] = ratios(report)
+    report["min_cpu_share"] = min_cpu_share(report)
     report["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
@@ -291,6 +342,7 @@ def ratios(report: dict) -> list[dict]:
             "hidden": hidden, "batch": best["batch"],
             "organism_full_loop": full, "organism_only": only, "naive": naive[hidden],
             "speedup_vs_naive": full / naive[hidden],
+            "organism_only_speedup_vs_naive": only / naive[hidden],
             "dense_flops_per_decision": dense_flops_per_decision(hidden),
             "dense_bound": bound,
             "full_loop_over_dense_bound": full / bound,
@@ -303,6 +355,17 @@ def ratios(report: dict) -> list[dict]:
     return rows
 
 
+def min_cpu_share(report: dict) -> float:
+    """The lowest CPU share of any measurement (see ``Rate``): how alone this run was."""
+    shares = [v["cpu_share"] for v in report["dense_matmul"]["shapes"].values()]
+    for r in report["organism_eval"]:
+        shares += [r["full_loop"]["cpu_share"], r["organism_only"]["cpu_share"]]
+    shares += [r["steps_per_s"]["cpu_share"] for r in report["env_step"]]
+    for r in report["naive_reference"]:
+        shares += [r["decisions_per_s"]["cpu_share"], r["decisions_per_s_autograd"]["cpu_share"]]
+    return min(shares)
+
+
 def table(report: dict) -> str:
     """A short human-readable summary of ``report``."""
     m = report["machine"]
@@ -310,30 +373,40 @@ def table(report: dict) -> str:
         f"{report['date']}  {m['platform']}  {m['cpu_count']} CPUs  torch {m['torch']}  norse {m['norse']}"
         f"  threads {m['torch_threads']}  load {m['load_average_1m_at_start']:.2f}"
         f"->{m.get('load_average_1m_at_end', float('nan')):.2f}",
+        f"lowest CPU share of a measurement: {report['min_cpu_share']:.2f}"
+        + ("  WARNING: other processes took this core; rates are low (see cpu/s in the JSON)"
+           if report["min_cpu_share"] < 0.9 else ""),
         "",
-        "organism_eval (decisions/s, median [min-max])",
-        f"  {'H':>5} {'B':>4}  {'full loop':>26}  {'organism only':>26}  {'active in':>9}",
+        "organism_eval (decisions/s, median [min-max]; cpu = CPU share of the core)",
+        f"  {'H':>5} {'B':>4}  {'full loop':>26} {'cpu':>4}  {'organism only':>26} {'cpu':>4}  {'active in':>9}",
     ]
     for r in report["organism_eval"]:
         full, only = r["full_loop"], r["organism_only"]
         lines.append(
-            f"  {r['hidden']:>5} {r['batch']:>4}  {_rate(full):>26}  {_rate(only):>26}"
+            f"  {r['hidden']:>5} {r['batch']:>4}  {_rate(full):>26} {full['cpu_share']:>4.2f}"
+            f"  {_rate(only):>26} {only['cpu_share']:>4.2f}"
             f"  {r['active_inputs_per_decision']:>9.1f}"
         )
-    lines += ["", "naive_reference (batch 1, gymnasium env, decisions/s)"]
+    lines += ["", "env_step alone (BatchedForagingGrid.step, world-steps/s)"]
+    for r in report["env_step"]:
+        lines.append(f"  B={r['batch']:>4}  {_rate(r['steps_per_s']):>26}")
+    lines += ["", "naive_reference (batch 1, gymnasium env, decisions/s)",
+              f"  {'H':>5}  {'no_grad (headline)':>26}  {'autograd on':>26}"]
     for r in report["naive_reference"]:
-        lines.append(f"  H={r['hidden']:>5}  {_rate(r['decisions_per_s']):>26}")
+        lines.append(f"  {r['hidden']:>5}  {_rate(r['decisions_per_s']):>26}  {_rate(r['decisions_per_s_autograd']):>26}")
     dm = report["dense_matmul"]
     shapes = ", ".join(f"{name} {v['gflops']:.1f}" for name, v in dm["shapes"].items())
     lines += ["", f"dense_matmul GFLOP/s (1 thread): {shapes}; matrix rate {dm['matrix_gflops']:.1f}", "",
               "ratios (organism at the largest batch)",
-              f"  {'H':>5} {'full/naive':>11} {'dense bound':>12} {'full/bound':>11} {'only/bound':>11}"]
+              f"  {'H':>5} {'full/naive':>11} {'only/naive':>11} {'dense bound':>12} {'full/bound':>11}"
+              f" {'only/bound':>11}"]
     for r in report["ratios"]:
         flag = ""
         if "target_speedup" in r:
             flag = f"   <- target >= {r['target_speedup']:.0f}x: {'MET' if r['meets_target'] else 'NOT MET'}"
         lines.append(
-            f"  {r['hidden']:>5} {r['speedup_vs_naive']:>10.0f}x {r['dense_bound']:>12,.0f}"
+            f"  {r['hidden']:>5} {r['speedup_vs_naive']:>10.0f}x {r['organism_only_speedup_vs_naive']:>10.0f}x"
+            f" {r['dense_bound']:>12,.0f}"
             f" {r['full_loop_over_dense_bound']:>11.2f} {r['organism_only_over_dense_bound']:>11.2f}{flag}"
         )
     lines.append(f"\n({report['seconds']} s)")

@@ -59,7 +59,11 @@ class BatchedForagingGrid:
         self._pad = rules.egocentric_padding(size)
         self._walls_padded = torch.as_tensor(wall_map(size, walls), device=self.device)
         self._deltas = torch.as_tensor(rules.ACTION_DELTAS, device=self.device)
-        self._window = torch.arange(size, device=self.device)
+        # Flat offsets of a size x size window inside the padded (size + 2 pad)^2 map: a world's
+        # egocentric window is one gather at (agent_row * padded + agent_col) + these offsets.
+        self._padded = size + 2 * self._pad
+        window = torch.arange(size, device=self.device)
+        self._window_offsets = (window.unsqueeze(1) * self._padded + window).reshape(-1)
         self._worlds = torch.arange(num_worlds, device=self.device)
         self.set_season(season)
         B = num_worlds
@@ -145,14 +149,13 @@ class BatchedForagingGrid:
             obs[self._worlds, 0, self.agent[:, 0], self.agent[:, 1]] = 1.0
             obs[:, 1] = self.food.float()
             return obs
-        # Window rows/cols in padded coordinates: the agent's cell is at +pad, the window starts at
-        # agent + pad - pad = agent.
-        rows = (self.agent[:, 0:1] + self._window).unsqueeze(2)  # (B, S, 1)
-        cols = (self.agent[:, 1:2] + self._window).unsqueeze(1)  # (B, 1, S)
+        # In padded coordinates the agent's cell is at agent + pad, so its window starts at agent.
+        start = self.agent[:, 0] * self._padded + self.agent[:, 1]
+        index = start.unsqueeze(1) + self._window_offsets  # (B, S*S)
         p = self._pad
-        food_padded = torch.nn.functional.pad(self.food, (p, p, p, p))
-        obs[:, 0] = self._walls_padded[rows, cols]
-        obs[:, 1] = food_padded[self._worlds.view(B, 1, 1), rows, cols].float()
+        food_padded = torch.nn.functional.pad(self.food, (p, p, p, p)).view(B, -1)
+        obs[:, 0] = self._walls_padded.view(-1)[index].view(B, S, S)
+        obs[:, 1] = torch.gather(food_padded, 1, index).view(B, S, S)
         return obs
 
     # -- internals ----------------------------------------------------------------------------

@@ -261,9 +261,20 @@ class Organism:
         obs = obs.to(self.device).reshape(obs.shape[0], -1)
         if obs.shape[1] != self.config.n_inputs:
             raise ValueError(f"observation has {obs.shape[1]} values per world, expected {self.config.n_inputs}")
-        if not bool(torch.isfinite(obs).all()):
-            raise NonFiniteError(f"observation holds NaN or Inf at decision step {self.stats.decision_steps}")
         return obs
+
+    def _active_inputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """Sum of the observation (the energy estimate needs it); NaN or Inf anywhere shows here."""
+        active = obs.sum()
+        if not bool(torch.isfinite(active)):
+            raise NonFiniteError(f"observation holds NaN or Inf at decision step {self.stats.decision_steps}")
+        return active
+
+    def _readout(self, counts: torch.Tensor) -> torch.Tensor:
+        """Action logits = counts @ W_out + b_out. (F.linear with a contiguous (A, H) weight is
+        about 4x faster on the CPU than addmm with the (H, A) parameter.)"""
+        W_out = self.params["readout_weight"]
+        return F.linear(counts, W_out.T.contiguous(), self.params["readout_bias"])
 
     def _check_logits(self, logits: torch.Tensor) -> None:
         if not bool(torch.isfinite(logits).all()):
@@ -279,27 +290,29 @@ class Organism:
     def act(self, obs: torch.Tensor, greedy: bool = True) -> torch.Tensor:
         """Decide for every world without learning (fast path). greedy: argmax, else sample."""
         obs = self._flatten(obs)
+        active = self._active_inputs(obs)
         self._ensure_state(obs.shape[0])
         x = self.input_current(obs)
         c = self.config
         counts, _ = lif_decision_fast(x, self.v, self.i, self.lif, c.snn_steps, c.dt)
-        logits = torch.addmm(self.params["readout_bias"], counts, self.params["readout_weight"])
+        logits = self._readout(counts)
         self._check_logits(logits)
-        self.energy.add(obs.sum(), counts.sum(), obs.shape[0], self.hidden_neurons)
+        self.energy.add(active, counts.sum(), obs.shape[0], self.hidden_neurons)
         return logits.argmax(dim=1) if greedy else self._sample(logits)
 
     def learn_act(self, obs: torch.Tensor) -> torch.Tensor:
         """Decide (sampling) and remember what the learning rule needs for this decision."""
         obs = self._flatten(obs)
+        active = self._active_inputs(obs)
         self._ensure_state(obs.shape[0])
         c = self.config
-        W_out, b_out = self.params["readout_weight"], self.params["readout_bias"]
+        W_out = self.params["readout_weight"]
         if c.learning_rule == "reinforce":
             x = self.input_current(obs)
             state = LIFFeedForwardState(v=self.v, i=self.i)
             counts, state = lif_decision_reference(x, state, self.lif, c.snn_steps, c.dt)
             self.v, self.i = state.v.detach(), state.i.detach()
-            logits = torch.addmm(b_out, counts, W_out)
+            logits = self._readout(counts)
             self._check_logits(logits)
             log_probs = torch.log_softmax(logits, dim=1)
             actions = torch.multinomial(log_probs.detach().exp(), 1, generator=self.generator).squeeze(1)
@@ -314,7 +327,7 @@ class Organism:
                 counts, factors = lif_decision_fast(
                     x, self.v, self.i, self.lif, c.snn_steps, c.dt, trace_decay=c.stdp_trace_decay
                 )
-                logits = torch.addmm(b_out, counts, W_out)
+                logits = self._readout(counts)
                 self._check_logits(logits)
                 probs = torch.softmax(logits, dim=1)
                 actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
@@ -327,7 +340,7 @@ class Organism:
         with torch.no_grad():
             alpha = 1.0 / c.rate_window
             self.rate_ema.mul_(1 - alpha).add_(counts.mean(0) / c.snn_steps, alpha=alpha)
-        self.energy.add(obs.sum(), counts.sum(), obs.shape[0], self.hidden_neurons)
+        self.energy.add(active, counts.sum(), obs.shape[0], self.hidden_neurons)
         return actions
 
     def learn_feedback(self, reward: torch.Tensor, done: torch.Tensor) -> bool:

@@ -93,11 +93,13 @@ def start_ray(config: run_config.RunConfig, args) -> None:
     if args.address:
         ray.init(address=args.address, log_to_driver=True)
         return
-    # The embedded default: a local instance on loopback only, dashboard and metrics included.
+    # The embedded default: a local instance with the dashboard on loopback and Ray's token auth
+    # (on by default for a new local cluster in Ray 2.60). Ray 2.60 itself binds its gRPC servers
+    # and the metrics exporter to all interfaces (it turns a 127.0.0.1 node address into the
+    # routable one); the token is what guards them. See README, "Monitoring".
     ray.init(
         include_dashboard=True,
         dashboard_host=config.ray.dashboard_host,
-        _node_ip_address="127.0.0.1",
         _metrics_export_port=config.ray.metrics_export_port,
         _temp_dir=args.ray_temp_dir,
         log_to_driver=True,

@@ -99,6 +99,7 @@ class OrganismTrainable(tune.Trainable):
             "exploit_source_hidden_neurons": self.exploit_source_hidden or 0,
             "exploits": self.exploits,
             "device": self.device.type,
+            "finished_at": time.time(),  # float seconds (Tune's own timestamp is whole seconds)
             **{f"{k}_total": v for k, v in counts.items()},
             **{f"{k}_this_generation": counts[k] - stats_before[k] for k in counts},
         }

@@ -9,9 +9,9 @@ from gsnn.energy import MAC_JOULES, SYNOP_JOULES, decision_energy
 from gsnn.neurons import lif_decision_fast, lif_decision_reference, lif_parameters
 
 
-@pytest.mark.parametrize("v_leak", [0.0, -0.2])
-def test_fast_path_equals_norse_reference_over_many_decisions(v_leak):
-    config = OrganismConfig(v_leak=v_leak)
+@pytest.mark.parametrize("v_leak, v_reset", [(0.0, 0.0), (-0.2, 0.0), (0.0, -0.1)])
+def test_fast_path_equals_norse_reference_over_many_decisions(v_leak, v_reset):
+    config = OrganismConfig(v_leak=v_leak, v_reset=v_reset)
     p = lif_parameters(config)
     g = torch.Generator().manual_seed(0)
     B, H, T = 16, 96, config.snn_steps
@@ -25,6 +25,8 @@ def test_fast_path_equals_norse_reference_over_many_decisions(v_leak):
         v_ref, i_ref = state.v, state.i
         counts_fast, _ = lif_decision_fast(x, v_fast, i_fast, p, T, config.dt)
         assert torch.equal(counts_fast, counts_ref)
+        if v_leak == 0.0 and v_reset == 0.0:  # the default parameters: bit-identical
+            assert torch.equal(v_fast, v_ref) and torch.equal(i_fast, i_ref)
         torch.testing.assert_close(v_fast, v_ref, rtol=0, atol=1e-6)
         torch.testing.assert_close(i_fast, i_ref, rtol=0, atol=1e-6)
         total_spikes += int(counts_ref.sum())

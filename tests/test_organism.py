@@ -268,3 +268,11 @@ def test_config_errors_name_the_field_and_range():
         OrganismConfig(neurons_per_grow=2.5)
     with pytest.raises(ConfigError, match=r"^bogus: unknown organism setting"):
         OrganismConfig.from_dict({"bogus": 1})
+
+
+def test_readme_lists_every_organism_setting_with_its_default():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name, default, allowed, _ in OrganismConfig.describe_fields():
+        assert f"| `{name}` | `{default}` | {allowed} |" in readme, name

@@ -1,0 +1,164 @@
+"""Population throughput through Ray and Tune against the same organisms run one after another.
+
+``python -m benchmarks.population [--pop N] [--generations G] [--json PATH]``
+
+Both sides do the same work per organism and generation: learn ``episodes_per_generation``
+episodes in ``worlds`` worlds, then evaluate on ``eval_worlds`` worlds (what
+``population.trainable.OrganismTrainable.step`` does). The sequential side runs it in this process
+on one core; the population side is a real ``population.run`` (local Ray, Tune, PBT, checkpoints,
+the CSV callback), timed from the first to the last generation result so Ray's start-up is not
+counted. Speed-up = population decisions/s over sequential decisions/s; ideal = min(pop, cores).
+Also reported: the share of each organism's generation wall time that is not learning or
+evaluation (Tune/PBT bookkeeping, checkpoints, result handling), and the peak RSS of the actors.
+Target (issue 3): at least 85% of the ideal speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gsnn.config import OrganismConfig
+from gsnn.organism import Organism
+from gsnn.train import WorldConfig, evaluate, live
+
+
+def sequential(pop: int, generations: int, worlds: int, episodes: int, eval_worlds: int) -> dict:
+    torch.set_num_threads(1)
+    world = WorldConfig(num_worlds=worlds)
+    decisions = 0
+    start = time.perf_counter()
+    for index in range(pop):
+        organism = Organism(OrganismConfig(seed=index))
+        env = world.make(seed=index)
+        obs = None
+        for generation in range(1, generations + 1):
+            obs, _ = live(organism, env, episodes * world.max_steps, obs)
+            evaluate(organism, world.make(seed=0, num_worlds=eval_worlds), seed=100_000 + generation)
+            decisions += (worlds * episodes + eval_worlds) * world.max_steps
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "decisions": decisions, "decisions_per_second": decisions / seconds}
+
+
+def _actor_rss_bytes() -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"Trainable" not in cmd:
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    out.append(int(line.split()[1]) * 1024)
+        except OSError:
+            continue
+    return out
+
+
+def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_worlds: int) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix="gsnn-bench-")) / "run"
+    ray_dir = tempfile.mkdtemp(prefix="gsnn-ray-", dir="/tmp")
+    command = [
+        sys.executable, "-m", "population.run", "--pop", str(pop), "--generations", str(generations),
+        "--output", str(run_dir), "--ray-temp-dir", ray_dir,
+        "--set", f"population.worlds={worlds}", "--set", f"population.episodes_per_generation={episodes}",
+        "--set", f"population.eval_worlds={eval_worlds}",
+        # The same organisms as on the sequential side: PBT runs, but mutates nothing that
+        # changes the work (Tune requires at least one mutation).
+        "--set", "pbt.mutations={weight_noise: {choice: [0.0]}}",
+    ]
+    peak: dict[str, int] = {"max": 0, "total": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            rss = _actor_rss_bytes()
+            if rss:
+                peak["max"] = max(peak["max"], max(rss))
+                peak["total"] = max(peak["total"], sum(rss))
+            time.sleep(1.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = subprocess.run(command, capture_output=True, text=True)
+    done.set()
+    sampler.join()
+    if out.returncode != 0:
+        raise RuntimeError(f"population.run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    results = []
+    for path in (run_dir / "tune").glob("*/result.json"):
+        results += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    first = min(r["finished_at"] - r["time_this_iter_s"] for r in results)
+    last = max(r["finished_at"] for r in results)
+    decisions = len(results) * (worlds * episodes + eval_worlds) * 500
+    overhead = [
+        max(0.0, 1.0 - (r["learn_seconds"] + r["eval_seconds"]) / r["time_this_iter_s"]) for r in results
+    ]
+    return {
+        "seconds": last - first,
+        "decisions": decisions,
+        "decisions_per_second": decisions / (last - first),
+        "non_organism_share_median": statistics.median(overhead),
+        "actor_rss_peak_bytes": peak["max"],
+        "actors_rss_total_peak_bytes": peak["total"],
+        "run_dir": str(run_dir),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pop", type=int, default=4)
+    parser.add_argument("--generations", type=int, default=4)
+    # Defaults: the per-generation work of tune_configs/default.yaml.
+    parser.add_argument("--worlds", type=int, default=16)
+    parser.add_argument("--episodes", type=int, default=2)
+    parser.add_argument("--eval-worlds", type=int, default=32)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    cores = os.cpu_count() or 1
+    work = (args.pop, args.generations, args.worlds, args.episodes, args.eval_worlds)
+    print(f"sequential: {args.pop} organisms x {args.generations} generations in one process ...", file=sys.stderr)
+    seq = sequential(*work)
+    print(f"population.run: the same through Ray and Tune on {cores} cores ...", file=sys.stderr)
+    ray_side = through_ray(*work)
+    ideal = min(args.pop, cores)
+    speedup = ray_side["decisions_per_second"] / seq["decisions_per_second"]
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cores": cores,
+        "torch": torch.__version__,
+        "settings": dict(zip(("pop", "generations", "worlds", "episodes", "eval_worlds"), work)),
+        "sequential": seq,
+        "population": ray_side,
+        "speedup": speedup,
+        "ideal_speedup": ideal,
+        "fraction_of_ideal": speedup / ideal,
+        "target_fraction_of_ideal": 0.85,
+    }
+    print(
+        f"sequential {seq['decisions_per_second']:,.0f} decisions/s | population "
+        f"{ray_side['decisions_per_second']:,.0f} decisions/s | speed-up {speedup:.2f} of ideal {ideal} "
+        f"({100 * speedup / ideal:.0f}%) | non-organism share {100 * ray_side['non_organism_share_median']:.1f}% "
+        f"| actor RSS peak {ray_side['actor_rss_peak_bytes'] / 2**20:.0f} MiB"
+    )
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

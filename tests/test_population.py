@@ -1,0 +1,234 @@
+"""population.run against a real local Ray instance and real Tune PBT, with tiny budgets.
+
+Every run here goes through the real CLI in a subprocess (as a user runs it), with its own Ray
+temp dir and metrics port, and every process it leaves is killed by PID at the end."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+POP, GENERATIONS = 4, 4
+TINY = [
+    "--set", "population.worlds=4",
+    "--set", "population.episodes_per_generation=1",
+    "--set", "population.eval_worlds=8",
+    "--set", "pbt.perturbation_interval=1",
+    # Organisms start at different sizes, so every exploit copies across sizes.
+    "--set", "pbt.mutations.init_hidden={choice: [32, 64, 96, 128]}",
+    "--set", "organism.min_hidden=32",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def processes_using(marker: str) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and marker in cmdline(int(p))]
+
+
+class Run:
+    """One `python -m population.run` in a subprocess with its own Ray temp dir."""
+
+    def __init__(self, tmp_path: Path, *args: str):
+        self.ray_dir = tempfile.mkdtemp(prefix="gsnn-ray-", dir="/tmp")
+        self.run_dir = tmp_path / "run"
+        self.args = list(args)
+        self.process = None
+
+    def start(self, *extra: str) -> "Run":
+        command = [sys.executable, "-m", "population.run", *extra, "--ray-temp-dir", self.ray_dir]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, start_new_session=True)
+        return self
+
+    def fresh(self) -> "Run":
+        return self.start("--pop", str(POP), "--generations", str(GENERATIONS), "--output", str(self.run_dir),
+                          "--set", f"ray.metrics_export_port={free_port()}", *TINY, *self.args)
+
+    def wait(self, timeout=240) -> tuple[int, str]:
+        out, _ = self.process.communicate(timeout=timeout)
+        return self.process.returncode, out
+
+    def rows(self) -> list[dict]:
+        path = self.run_dir / "generations.csv"
+        return list(csv.DictReader(open(path))) if path.exists() else []
+
+    def kill_everything(self):
+        pids = set(processes_using(self.ray_dir))
+        if self.process and self.process.poll() is None:
+            pids |= {self.process.pid, *descendants(self.process.pid)}
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = Run(tmp_path_factory.mktemp("tiny"))
+    try:
+        code, out = run.fresh().wait()
+    finally:
+        run.kill_everything()
+    assert code == 0, out
+    return run, out
+
+
+def assert_complete(rows, pop=POP, generations=GENERATIONS):
+    keys = [(r["trial_id"], int(r["generation"])) for r in rows]
+    assert len(keys) == len(set(keys)), "duplicated rows"
+    trials = {t for t, _ in keys}
+    assert len(trials) == pop
+    assert set(keys) == {(t, g) for t in trials for g in range(1, generations + 1)}
+
+
+def test_run_writes_complete_consistent_outputs(tiny_run):
+    run, out = tiny_run
+    assert f"run directory: {run.run_dir}" in out
+    for g in range(1, GENERATIONS + 1):
+        assert f"generation {g:3d}/{GENERATIONS}" in out
+    assert "best organism: trial" in out and "checkpoint:" in out
+    rows = run.rows()
+    assert_complete(rows)
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["config"]["population"]["size"] == POP
+    assert [g["generation"] for g in summary["generations"]] == list(range(1, GENERATIONS + 1))
+    for g in summary["generations"]:
+        group = [r for r in rows if int(r["generation"]) == g["generation"]]
+        assert g["best_fitness"] == pytest.approx(max(float(r["fitness"]) for r in group))
+        assert g["mean_fitness"] == pytest.approx(sum(float(r["fitness"]) for r in group) / POP)
+        assert g["mean_hidden_neurons"] == pytest.approx(sum(int(r["hidden_neurons"]) for r in group) / POP)
+    best = summary["best"]
+    assert set(best) >= {"trial_id", "fitness", "hidden_neurons", "energy_per_decision_joules", "checkpoint"}
+    assert Path(best["checkpoint"]).is_file()
+    assert summary["references"]["greedy"] > 100
+    for plot in ("fitness.png", "hidden_neurons.png", "energy.png"):
+        assert (run.run_dir / plot).stat().st_size > 1000
+
+
+def test_pbt_mutates_thresholds_and_exploits_across_sizes(tiny_run):
+    run, _ = tiny_run
+    rows = run.rows()
+    first = {r["trial_id"]: r for r in rows if int(r["generation"]) == 1}
+    last = {r["trial_id"]: r for r in rows if int(r["generation"]) == GENERATIONS}
+    for name in ("grow_threshold", "prune_threshold"):
+        final = [float(r[name]) for r in last.values()]
+        assert len(set(final)) > 1, f"final {name} identical across organisms"
+        assert any(float(last[t][name]) != float(first[t][name]) for t in last), f"{name} never mutated"
+    exploits = [r for r in rows if r["exploited_from"]]
+    assert exploits, "PBT never exploited"
+    across = [r for r in exploits if r["exploit_source_hidden_neurons"] != r["exploit_own_hidden_neurons"]]
+    assert across, "no exploit copied an organism of another size"
+    # The exploiting trial really carries the source's organism: its size continues from the source's.
+    assert all(int(r["exploit_source_hidden_neurons"]) >= 32 for r in across)
+
+
+def test_config_errors_are_one_line_before_ray_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("population:\n  size: 4\n  colour: red\n")
+    cases = [
+        (["--pop", "1"], "error: population.size: must be an integer in [2, 100000], got 1"),
+        (["--config", str(bad)], "error: population.colour: unknown setting"),
+        (["--set", "organism.grow_threshold=abc"], "error: organism.grow_threshold: must be a number in [0.0, 1.0], got 'abc'"),
+        (["--set", "pbt.mutations.prune_threshold={log_uniform: [0.001, 0.5]}"],
+         "error: pbt.mutations.prune_threshold: its highest value (0.5) must not exceed the lowest grow_threshold"),
+        (["--cpus-per-organism", "0"], "error: resources.cpus_per_organism: must be 'auto' or a number in (0, 64]"),
+        (["--resume", str(tmp_path)], "error: --resume:"),
+        (["--set", "bogus.key=1"], "error: bogus: unknown section"),
+    ]
+    for args, expected in cases:
+        start = time.time()
+        out = subprocess.run([sys.executable, "-m", "population.run", *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(expected), (args, lines)
+        assert "Traceback" not in out.stderr and "run directory" not in out.stdout
+        assert time.time() - start < 30
+
+
+def wait_for_generation(run: Run, generation: int, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = {r["trial_id"] for r in run.rows() if int(r["generation"]) >= generation}
+        if len(done) >= POP:
+            return
+        assert run.process.poll() is None, run.process.stdout.read()
+        time.sleep(0.5)
+    raise AssertionError(f"generation {generation} not reached in {timeout} s")
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    run = Run(tmp_path)
+    try:
+        run.fresh()
+        wait_for_generation(run, 2)
+        run.kill_everything()  # driver, local Ray and actors: as if the machine went down
+        run.process.wait(timeout=30)
+        rows_before = run.rows()
+        assert 0 < len(rows_before) < POP * GENERATIONS
+        resumed = Run(tmp_path)
+        resumed.run_dir = run.run_dir
+        code, out = resumed.start("--resume", str(run.run_dir)).wait()
+        resumed.kill_everything()
+    finally:
+        run.kill_everything()
+    assert code == 0, out
+    assert "resuming" in out
+    rows = resumed.rows()
+    assert_complete(rows)
+    # Finished generations were kept: every generation-1 row is the one written before the kill.
+    before = {(r["trial_id"], r["generation"]): r["fitness"] for r in rows_before if r["generation"] == "1"}
+    after = {(r["trial_id"], r["generation"]): r["fitness"] for r in rows if r["generation"] == "1"}
+    assert before == after
+
+
+def test_a_killed_actor_is_restored_from_its_checkpoint(tmp_path):
+    run = Run(tmp_path)
+    try:
+        run.fresh()
+        wait_for_generation(run, 1)
+        actors = [p for p in descendants(run.process.pid) if "Trainable" in cmdline(p)]
+        assert actors, "no organism actor found"
+        os.kill(actors[0], signal.SIGKILL)
+        code, out = run.wait()
+    finally:
+        run.kill_everything()
+    assert code == 0, out
+    assert_complete(run.rows())
