@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,6 +96,7 @@ def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_wor
     out = subprocess.run(command, capture_output=True, text=True)
     done.set()
     sampler.join()
+    shutil.rmtree(ray_dir, ignore_errors=True)
     if out.returncode != 0:
         raise RuntimeError(f"population.run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     results = []

@@ -6,6 +6,7 @@ temp dir and metrics port, and every process it leaves is killed by PID at the e
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,6 +99,8 @@ class Run:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if self.process is None or self.process.poll() is not None:
+            shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
