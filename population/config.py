@@ -56,6 +56,7 @@ class RaySettings:
 class ResourceSettings:
     cpus_per_organism: Any = "auto"
     gpus_per_organism: Any = "auto"
+    compute_slots: Any = "auto"
     torch_threads: int = bounded(1, int, 1, 256)
 
 
@@ -187,6 +188,9 @@ def _build_section(section: str, cls, raw) -> Any:
 
 
 def _check_resources(res: ResourceSettings) -> None:
+    slots = res.compute_slots
+    if slots != "auto" and (isinstance(slots, bool) or not isinstance(slots, int) or not 0 <= slots <= 4096):
+        raise ConfigError(f"resources.compute_slots: must be 'auto' or an integer in [0, 4096], got {slots!r}")
     for name, high in (("cpus_per_organism", 64.0), ("gpus_per_organism", 1.0)):
         value = getattr(res, name)
         if value == "auto":

@@ -23,7 +23,8 @@ COLUMNS = (
     "grow_threshold", "prune_threshold", "learning_rate", "neurons_per_grow", "learning_rule",
     "weight_noise", "grow_events_total", "neurons_added_total", "prune_events_total",
     "neurons_removed_total", "exploited_from", "exploit_source_hidden_neurons",
-    "exploit_own_hidden_neurons", "inherited_from", "decisions_per_second", "learn_seconds", "eval_seconds", "device",
+    "exploit_own_hidden_neurons", "inherited_from", "decisions_per_second", "learn_seconds", "eval_seconds",
+    "slot_wait_seconds", "time_this_iter_s", "finished_at", "device",
 )
 
 

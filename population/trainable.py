@@ -10,6 +10,7 @@ just gave this trial, and, if ``weight_noise`` > 0, perturbs its weights (weight
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from ray import tune
 from gsnn.config import OrganismConfig
 from gsnn.organism import Organism
 from gsnn.train import WorldConfig, evaluate, live
+from population import slots
 
 ORGANISM_FILE = "organism.ckpt"
 META_FILE = "meta.json"
@@ -58,6 +60,23 @@ class OrganismTrainable(tune.Trainable):
         self.exploits = 0
 
     def step(self) -> dict:
+        with self._compute_slot() as waited:
+            report = self._live_one_generation()
+        report["slot_wait_seconds"] = waited
+        return report
+
+    def _compute_slot(self):
+        """One organism per core computes at a time (see population.slots); off on a GPU or
+        when resources.compute_slots is 0."""
+        setting = self.config["run"]["resources"].get("compute_slots", "auto")
+        if self.device.type != "cpu" or setting == 0:
+            return contextlib.nullcontext(0.0)
+        import ray
+
+        count = slots.slot_count() if setting == "auto" else int(setting)
+        return slots.compute_slot(ray.get_runtime_context().get_node_id()[:16], count)
+
+    def _live_one_generation(self) -> dict:
         organism, pop = self.organism, self.pop
         stats_before = _event_counts(organism)
         start = time.perf_counter()
