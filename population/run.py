@@ -59,9 +59,8 @@ def resolve(args) -> tuple[run_config.RunConfig, Path, bool]:
         return run_config.build(data, source=str(saved)), run_dir, True
     path = Path(args.config) if args.config else run_config.default_config_path()
     data = run_config.load_yaml(path)
-    for flag, key, value in (("--pop", "population.size", args.pop),
-                             ("--generations", "population.generations", args.generations),
-                             ("--seed", "population.seed", args.seed)):
+    for key, value in (("population.size", args.pop), ("population.generations", args.generations),
+                       ("population.seed", args.seed)):
         if value is not None:
             run_config.apply_override(data, key, value)
     _apply_resource_flags(data, args)
