@@ -147,8 +147,10 @@ class OrganismTrainable(tune.Trainable):
             self._apply_trial_settings(perturb=False)
 
     def reset_config(self, new_config: dict) -> bool:
+        """Tune reuses this actor for another trial (or for this one after an exploit): become
+        that trial's fresh organism. A checkpoint restored next replaces it (load_checkpoint)."""
         self.config = new_config
-        self._apply_trial_settings(perturb=False)
+        self.setup(new_config)
         return True
 
     def _apply_trial_settings(self, perturb: bool) -> None:
