@@ -7,6 +7,7 @@ Interval fields count *decision steps*: one step is one decision for every world
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,12 +47,17 @@ class Bound:
             if not isinstance(value, bool):
                 raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
             return value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
         if self.kind is int and not float(value).is_integer():
             raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
-        if value != value:  # NaN
-            raise ConfigError(f"{name}: must be {self.describe()}, got NaN")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
             raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
         return int(value) if self.kind is int else float(value)

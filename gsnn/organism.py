@@ -66,8 +66,11 @@ class EnergyMeter:
         self._pending: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
 
     def add(self, active_inputs: torch.Tensor, hidden_spikes: torch.Tensor, worlds: int, hidden: int):
-        # Kept as device tensors until read, so the hot path never waits on a GPU.
+        # Kept as device tensors until read (or until 256 are waiting), so the hot path rarely
+        # waits on a GPU and the list never grows without bound.
         self._pending.append((active_inputs.detach(), hidden_spikes.detach(), worlds, hidden))
+        if len(self._pending) >= 256:
+            self._flush()
 
     def _flush(self):
         c = self.config
@@ -230,7 +233,7 @@ class Organism:
         H = self.hidden_neurons
         self.v = torch.full((batch_size, H), float(self.config.v_leak), device=self.device)
         self.i = torch.zeros(batch_size, H, device=self.device)
-        self._rollout.clear()
+        self._rollout = []
 
     def reset_worlds(self, done: torch.Tensor) -> None:
         """Worlds whose episode ended start their next one from a resting state."""
@@ -416,11 +419,23 @@ class Organism:
                 noise = torch.randn(param.shape, generator=self.generator, device=self.device)
                 param.add_(noise * (scale * spread))
 
-    def set_learning_rate(self, learning_rate: float) -> None:
-        self.config.learning_rate = float(learning_rate)
-        self.config.validate()
+    def set_config(self, config: OrganismConfig) -> None:
+        """Adopt new settings (PBT's mutations) without touching shape, weights or statistics:
+        neuron parameters, learning rate and everything read from the config take effect now."""
+        self.config = config.validate()
+        self.lif = lif_parameters(config, self.device)
+        self.energy.config = config
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.learning_rate
+            group["lr"] = config.learning_rate
+
+    def finish_rollout(self) -> bool:
+        """Learn from a partly filled rollout now (the end of a lifetime or generation), so no
+        decision is lost and the organism can be checkpointed. Returns True if it updated."""
+        if not self._rollout or "reward" not in self._rollout[-1]:
+            return False
+        self._update()
+        self.structural_step()
+        return True
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -37,9 +37,13 @@ def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, discount: flo
 
 
 def advantages(returns: torch.Tensor) -> torch.Tensor:
-    """Per-step batch-mean baseline, then scaled to unit standard deviation over the rollout.
-    All-equal returns give zero advantages (no update), never NaN."""
-    centred = returns - returns.mean(dim=1, keepdim=True)
+    """Per-step batch-mean baseline (the rollout mean when there is a single world), then scaled
+    to unit standard deviation over the rollout. All-equal returns give zero advantages (no
+    update), never NaN."""
+    if returns.shape[1] == 1:
+        centred = returns - returns.mean()
+    else:
+        centred = returns - returns.mean(dim=1, keepdim=True)
     scale = centred.std(unbiased=False)
     return centred / (scale + 1e-6)
 

@@ -49,6 +49,7 @@ def live(organism: Organism, env: BatchedForagingGrid, decision_steps: int, obs:
         if bool(result.done.any()):
             finished.extend(result.episode_food[result.done].tolist())
         obs = result.observation
+    organism.finish_rollout()
     return obs, finished
 
 
@@ -56,7 +57,7 @@ def live(organism: Organism, env: BatchedForagingGrid, decision_steps: int, obs:
 def evaluate(organism: Organism, env: BatchedForagingGrid, seed: int, greedy: bool = True) -> dict:
     """One full episode in every world of ``env`` from ``seed``. The organism's learning state
     (LIF state, energy meter) is set aside and restored, so evaluation never disturbs learning."""
-    saved = (organism.v, organism.i, organism.energy)
+    saved = (organism.v, organism.i, organism.energy, organism._rollout)
     organism.energy = EnergyMeter(organism.config)
     organism.reset_state(env.num_worlds)
     try:
@@ -69,7 +70,7 @@ def evaluate(organism: Organism, env: BatchedForagingGrid, seed: int, greedy: bo
             obs = result.observation
         energy = organism.energy.report()
     finally:
-        organism.v, organism.i, organism.energy = saved
+        organism.v, organism.i, organism.energy, organism._rollout = saved
     return {"fitness": float(food.float().mean()), "fitness_std": float(food.float().std()), **energy}
 
 
@@ -92,8 +93,10 @@ def main(argv=None) -> int:
     try:
         overrides = dict(_parse_setting(item) for item in args.set)
         config = OrganismConfig.from_dict({"learning_rule": args.rule, "seed": args.seed, **overrides})
-        if args.episodes < 1 or args.worlds < 1 or args.eval_worlds < 1 or args.eval_every < 1:
-            raise ConfigError("--episodes, --worlds, --eval-worlds, --eval-every: must be integers >= 1")
+        if args.episodes < 1 or args.worlds < 1 or args.eval_worlds < 1 or args.eval_every < 1 or args.threads < 1:
+            raise ConfigError("--episodes, --worlds, --eval-worlds, --eval-every, --threads: must be integers >= 1")
+        if args.minutes is not None and not args.minutes > 0:
+            raise ConfigError(f"--minutes: must be a number > 0, got {args.minutes}")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

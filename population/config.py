@@ -161,7 +161,8 @@ def build(data: dict, source: str = "") -> RunConfig:
     organism_raw = data.get("organism") or {}
     if not isinstance(organism_raw, dict):
         raise ConfigError("organism: must be a mapping of organism settings")
-    OrganismConfig.from_dict(organism_raw, where="organism.")  # checks names, types, ranges
+    checked = OrganismConfig.from_dict(organism_raw, where="organism.").to_dict()  # names, types, ranges
+    organism_raw = {key: checked[key] for key in organism_raw}  # as converted (e.g. "1e-3" -> 0.001)
     mutations = _build_mutations((data.get("pbt") or {}).get("mutations") or {}, organism_raw)
     _check_resources(settings["resources"])
     config = RunConfig(
@@ -222,7 +223,15 @@ def _build_mutations(raw: dict, organism_raw: dict) -> dict[str, Mutation]:
             if bound.kind is not float or len(values) != 2 or not 0 < values[0] < values[1]:
                 raise ConfigError(f"{where}.log_uniform: must be [low, high] with 0 < low < high, for a real-valued setting")
         mutations[name] = Mutation(name, kind, values)
-    # Impossible combinations: every mutated value must make a valid organism with the others.
+    # Impossible combinations: every mutated value must make a valid organism with the fixed
+    # settings, and the threshold ranges must not cross.
+    for name, mutation in mutations.items():
+        if name in organism_fields:
+            for value in mutation.values:
+                try:
+                    OrganismConfig.from_dict(dict(organism_raw, **{name: value}))
+                except ConfigError as error:
+                    raise ConfigError(f"pbt.mutations.{name}: value {value!r} makes an invalid organism ({error})") from None
     grow, prune = mutations.get("grow_threshold"), mutations.get("prune_threshold")
     fixed = OrganismConfig.from_dict(organism_raw)
     grow_low = min(grow.values) if grow else fixed.grow_threshold

@@ -195,6 +195,11 @@ class GenerationLog(tune.Callback):
         for key, value in row.items():
             if isinstance(value, float) and not math.isfinite(value):
                 row[key] = ""
+        if row["exploited_from"]:
+            own = [g for (t, g), r in self._rows.items()
+                   if t == trial.trial_id and g < generation and not r.get("inherited_from")]
+            if own:
+                row["exploit_own_hidden_neurons"] = self._rows[(trial.trial_id, max(own))]["hidden_neurons"]
         self._rows[(trial.trial_id, generation)] = row
         if row["exploited_from"]:
             self._inherit_skipped_generations(trial.trial_id, generation, row["exploited_from"])

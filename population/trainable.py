@@ -44,6 +44,7 @@ class OrganismTrainable(tune.Trainable):
         torch.set_num_threads(int(run["resources"]["torch_threads"]))
         self.device = torch.device("cuda" if torch.cuda.is_available() and _has_gpu() else "cpu")
         seed = int(run["population"]["seed"]) * 1_000_003 + int(config["trial_index"])
+        self.seed = seed
         torch.manual_seed(seed)
         self.world = WorldConfig(
             num_worlds=int(run["population"]["worlds"]), obs_mode=run["world"]["obs_mode"],
@@ -139,6 +140,10 @@ class OrganismTrainable(tune.Trainable):
             self.exploits = int(meta.get("exploits", 0)) + 1
             self.exploited_from = meta["trial_id"]
             self.exploit_source_hidden = int(meta["hidden_neurons"])
+            # The copy keeps this trial's own seed and gets its own random stream, so two trials
+            # that copy the same organism explore differently.
+            stream = (self.seed * 1_000_003 + self.exploits) * 1_000_003 + self.organism.stats.decision_steps
+            self.organism.generator.manual_seed(stream & (2**63 - 1))
             self._apply_trial_settings(perturb=True)
             self.organism.reset_state(self.world.num_worlds)
             self.obs = None
@@ -157,11 +162,9 @@ class OrganismTrainable(tune.Trainable):
         """Give the organism this trial's hyperparameters (PBT mutates them), keeping its seed."""
         settings = organism_settings(self.config)
         current = self.organism.config.to_dict()
-        mutated = {k: v for k, v in settings.items() if k in current and k not in ("seed",)}
-        new = OrganismConfig.from_dict(dict(current, **mutated))
-        self.organism.config = new
-        self.organism.energy.config = new
-        self.organism.set_learning_rate(new.learning_rate)
+        merged = dict(current, **{k: v for k, v in settings.items() if k in current})
+        merged["seed"] = self.seed
+        self.organism.set_config(OrganismConfig.from_dict(merged))
         noise = float(self.config.get("weight_noise", 0.0))
         if perturb and noise > 0:
             self.organism.perturb_weights(noise)

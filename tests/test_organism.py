@@ -276,3 +276,48 @@ def test_readme_lists_every_organism_setting_with_its_default():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for name, default, allowed, _ in OrganismConfig.describe_fields():
         assert f"| `{name}` | `{default}` | {allowed} |" in readme, name
+
+
+def test_energy_meter_stays_bounded_and_matches_a_full_flush():
+    organism = Organism()
+    env = BatchedForagingGrid(4, seed=0)
+    obs = env.reset()
+    for _ in range(600):
+        obs = env.step(organism.act(obs)).observation
+    assert len(organism.energy._pending) < 256
+    report = organism.energy.report()
+    assert organism.energy.world_decisions == 2400
+    assert report["energy_per_decision_joules"] > 0
+
+
+def test_one_world_still_gets_a_learning_signal():
+    from gsnn import plasticity
+
+    rewards = torch.tensor([[0.0], [10.0], [0.0], [0.0]])
+    adv = plasticity.advantages(plasticity.discounted_returns(rewards, torch.zeros_like(rewards, dtype=torch.bool), 0.9))
+    assert adv.abs().max() > 0.5 and torch.isfinite(adv).all()
+
+
+def test_lifetime_ends_with_a_full_update_and_evaluation_keeps_the_rollout(tmp_path):
+    from gsnn.train import evaluate
+
+    organism = Organism(OrganismConfig(rollout_length=16))
+    live(organism, BatchedForagingGrid(4, seed=0), 40)  # 2 full rollouts + 8 decisions
+    assert organism.stats.updates == 3 and not organism._rollout
+    organism.save(tmp_path / "o.ckpt")  # possible: nothing pending
+    env = BatchedForagingGrid(4, seed=1)
+    obs = env.reset()
+    for _ in range(5):
+        actions = organism.learn_act(obs)
+        result = env.step(actions)
+        organism.learn_feedback(result.reward, result.done)
+        obs = result.observation
+    evaluate(organism, BatchedForagingGrid(4, seed=2), seed=2)
+    assert len(organism._rollout) == 5
+
+
+def test_set_config_applies_neuron_parameters_now():
+    organism = Organism()
+    organism.set_config(OrganismConfig.from_dict(dict(organism.config.to_dict(), tau_mem_inv=50.0, learning_rate=3e-3)))
+    assert float(organism.lif.tau_mem_inv) == 50.0
+    assert organism.optimizer.param_groups[0]["lr"] == 3e-3

@@ -175,6 +175,9 @@ def test_config_errors_are_one_line_before_ray_starts(tmp_path):
         (["--cpus-per-organism", "0"], "error: resources.cpus_per_organism: must be 'auto' or a number in (0, 64]"),
         (["--resume", str(tmp_path)], "error: --resume:"),
         (["--set", "bogus.key=1"], "error: bogus: unknown section"),
+        (["--set", "pbt.mutations.min_hidden={choice: [128]}"],
+         "error: pbt.mutations.min_hidden: value 128 makes an invalid organism (init_hidden: must lie in"),
+        (["--set", "organism.learning_rate=2.0"], "error: organism.learning_rate: must be a number in [1e-07, 1.0], got 2.0"),
     ]
     for args, expected in cases:
         start = time.time()
