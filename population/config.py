@@ -223,15 +223,7 @@ def _build_mutations(raw: dict, organism_raw: dict) -> dict[str, Mutation]:
             if bound.kind is not float or len(values) != 2 or not 0 < values[0] < values[1]:
                 raise ConfigError(f"{where}.log_uniform: must be [low, high] with 0 < low < high, for a real-valued setting")
         mutations[name] = Mutation(name, kind, values)
-    # Impossible combinations: every mutated value must make a valid organism with the fixed
-    # settings, and the threshold ranges must not cross.
-    for name, mutation in mutations.items():
-        if name in organism_fields:
-            for value in mutation.values:
-                try:
-                    OrganismConfig.from_dict(dict(organism_raw, **{name: value}))
-                except ConfigError as error:
-                    raise ConfigError(f"pbt.mutations.{name}: value {value!r} makes an invalid organism ({error})") from None
+    # Impossible combinations. The threshold ranges must not cross...
     grow, prune = mutations.get("grow_threshold"), mutations.get("prune_threshold")
     fixed = OrganismConfig.from_dict(organism_raw)
     grow_low = min(grow.values) if grow else fixed.grow_threshold
@@ -241,6 +233,21 @@ def _build_mutations(raw: dict, organism_raw: dict) -> dict[str, Mutation]:
             f"pbt.mutations.prune_threshold: its highest value ({prune_high}) must not exceed the lowest "
             f"grow_threshold ({grow_low}), or an organism could prune more eagerly than it grows"
         )
+    # ...and every other mutated value must make a valid organism with the fixed settings (the
+    # thresholds held at their most permissive mutated values).
+    base = dict(organism_raw)
+    if grow:
+        base["grow_threshold"] = max(grow.values)
+    if prune:
+        base["prune_threshold"] = min(prune.values)
+    for name, mutation in mutations.items():
+        if name not in organism_fields:
+            continue
+        for value in mutation.values:
+            try:
+                OrganismConfig.from_dict(dict(base, **{name: value}))
+            except ConfigError as error:
+                raise ConfigError(f"pbt.mutations.{name}: value {value!r} makes an invalid organism ({error})") from None
     return mutations
 
 
