@@ -74,7 +74,8 @@ def _actor_rss_bytes() -> list[int]:
     return out
 
 
-def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_worlds: int) -> dict:
+def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_worlds: int,
+                extra: tuple[str, ...] = ()) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="gsnn-bench-")) / "run"
     ray_dir = tempfile.mkdtemp(prefix="gsnn-ray-", dir="/tmp")
     command = [
@@ -86,6 +87,7 @@ def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_wor
         # changes the work (Tune requires at least one mutation).
         "--set", "pbt.mutations={weight_noise: {choice: [0.0]}}",
         *[arg for key, value in FIXED_SIZE.items() for arg in ("--set", f"organism.{key}={value}")],
+        *[arg for item in extra for arg in ("--set", item)],
     ]
     peak: dict[str, int] = {"max": 0, "total": 0}
     done = threading.Event()
@@ -144,20 +146,22 @@ def main(argv=None) -> int:
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--eval-worlds", type=int, default=32)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra population.run override for the Ray side, e.g. pbt.quantile_fraction=0.01")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     work = (args.pop, args.generations, args.worlds, args.episodes, args.eval_worlds)
     print(f"sequential: {args.pop} organisms x {args.generations} generations in one process ...", file=sys.stderr)
     seq = sequential(*work)
     print(f"population.run: the same through Ray and Tune on {cores} cores ...", file=sys.stderr)
-    ray_side = through_ray(*work)
+    ray_side = through_ray(*work, extra=tuple(args.set))
     ideal = min(args.pop, cores)
     speedup = ray_side["decisions_per_second"] / seq["decisions_per_second"]
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "cores": cores,
         "torch": torch.__version__,
-        "settings": dict(zip(("pop", "generations", "worlds", "episodes", "eval_worlds"), work)),
+        "settings": dict(zip(("pop", "generations", "worlds", "episodes", "eval_worlds"), work), extra=args.set),
         "sequential": seq,
         "population": ray_side,
         "speedup": speedup,
