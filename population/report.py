@@ -5,6 +5,7 @@ the trainables do not know it exists."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -46,18 +47,15 @@ def read_rows(run_dir: Path) -> dict[tuple[str, int], dict]:
 
 def write_rows(run_dir: Path, rows: dict[tuple[str, int], dict]) -> None:
     ordered = sorted(rows.values(), key=lambda r: (int(r["generation"]), r["trial_id"]))
-    path = Path(run_dir) / ROWS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(ordered)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(ordered)
+    _atomic_write(Path(run_dir) / ROWS_FILE, text.getvalue())
 
 
 def generation_summaries(rows: dict[tuple[str, int], dict], population: int) -> list[dict]:
     """Aggregates of every generation that all ``population`` organisms have finished."""
-    _fill_exploit_own_hidden(rows)
     by_generation: dict[int, list[dict]] = {}
     for (_, generation), row in rows.items():
         by_generation.setdefault(generation, []).append(row)
@@ -87,15 +85,6 @@ def generation_summaries(rows: dict[tuple[str, int], dict], population: int) -> 
             "organisms": len(group),
         })
     return out
-
-
-def _fill_exploit_own_hidden(rows: dict[tuple[str, int], dict]) -> None:
-    """An exploited organism's own size before the exploit is its row of the previous generation."""
-    for (trial_id, generation), row in rows.items():
-        if row.get("exploited_from") and not row.get("exploit_own_hidden_neurons"):
-            previous = rows.get((trial_id, generation - 1))
-            if previous is not None:
-                row["exploit_own_hidden_neurons"] = previous["hidden_neurons"]
 
 
 def progress_line(summary: dict, generations: int, elapsed: float) -> str:
@@ -203,7 +192,6 @@ class GenerationLog(tune.Callback):
         self._rows[(trial.trial_id, generation)] = row
         if row["exploited_from"]:
             self._inherit_skipped_generations(trial.trial_id, generation, row["exploited_from"])
-        _fill_exploit_own_hidden(self._rows)
         write_rows(Path(self.run_dir), self._rows)
         for summary in generation_summaries(self._rows, self.population):
             if summary["generation"] not in self._printed:
