@@ -48,7 +48,10 @@ class PBTSettings:
 @dataclasses.dataclass
 class RaySettings:
     dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = bounded(8265, int, 1024, 65535)
     metrics_export_port: int = bounded(8090, int, 1024, 65535)
+    loopback_only: bool = True
+    metrics_linger_seconds: float = bounded(20.0, float, 0.0, 3600.0)
     max_failures: int = bounded(3, int, 0, 1000)
 
 
@@ -185,6 +188,8 @@ def _build_section(section: str, cls, raw) -> Any:
         values[key] = bound.check(f"{section}.{key}", value) if bound else value
     if section == "ray" and values.get("dashboard_host", "127.0.0.1") == "":
         raise ConfigError("ray.dashboard_host: must be a host address such as 127.0.0.1")
+    if section == "ray" and not isinstance(values.get("loopback_only", True), bool):
+        raise ConfigError(f"ray.loopback_only: must be true or false, got {values['loopback_only']!r}")
     return cls(**values)
 
 

@@ -23,6 +23,7 @@ from population import config as run_config
 
 RESOLVED_CONFIG = "run_config.json"
 TUNE_DIR = "tune"
+METRICS_REPORT_MS = 2000
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,23 +87,49 @@ def _apply_resource_flags(data: dict, args) -> None:
             run_config.apply_override(data, key, value)
 
 
-def start_ray(config: run_config.RunConfig, args) -> None:
+def start_ray(config: run_config.RunConfig, args):
+    """Starts or joins Ray; returns ``ray.init``'s context (it knows the dashboard's address)."""
+    if args.address:
+        import ray
+
+        return ray.init(address=args.address, log_to_driver=True)
+    # The embedded default: a local instance with Ray's token auth (on by default for a new local
+    # cluster in Ray 2.60), on loopback only when ray.loopback_only (see keep_ray_on_loopback).
     import ray
 
-    if args.address:
-        ray.init(address=args.address, log_to_driver=True)
-        return
-    # The embedded default: a local instance with the dashboard on loopback and Ray's token auth
-    # (on by default for a new local cluster in Ray 2.60). Ray 2.60 itself binds its gRPC servers
-    # and the metrics exporter to all interfaces (it turns a 127.0.0.1 node address into the
-    # routable one); the token is what guards them. See README, "Monitoring".
-    ray.init(
+    return ray.init(
         include_dashboard=True,
         dashboard_host=config.ray.dashboard_host,
+        dashboard_port=config.ray.dashboard_port,
+        _node_ip_address="127.0.0.1" if config.ray.loopback_only else None,
         _metrics_export_port=config.ray.metrics_export_port,
+        # Every process hands its metrics to the exporter this often (Ray's default is 10 s).
+        _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS},
         _temp_dir=args.ray_temp_dir,
         log_to_driver=True,
     )
+
+
+def keep_ray_on_loopback(config: run_config.RunConfig, args) -> None:
+    """With ray.loopback_only, every server of the local instance (GCS, raylet, workers, metrics
+    exporter, dashboard) listens on 127.0.0.1 only. Ray binds to its node address, and by default
+    replaces 127.0.0.1 with the machine's routable address; this switch (read when ray is
+    imported, so it must come first) keeps the loopback one. Other machines cannot join such an
+    instance; for a cluster use `ray start` and --address."""
+    if args.address or not config.ray.loopback_only:
+        return
+    if "ray" in sys.modules:
+        raise RuntimeError("keep_ray_on_loopback must run before ray is imported")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def print_endpoints(config: run_config.RunConfig, args, context) -> None:
+    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "not running"
+    if args.address:
+        print(f"Ray cluster: {args.address}  dashboard: {dashboard}", flush=True)
+    else:
+        print(f"Ray dashboard: {dashboard}  metrics for Prometheus: "
+              f"http://127.0.0.1:{config.ray.metrics_export_port}/metrics", flush=True)
 
 
 def organism_resources(config: run_config.RunConfig) -> dict:
@@ -138,16 +165,23 @@ def build_tuner(config: run_config.RunConfig, run_dir: Path, resume: bool, print
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
 
+    from population.metrics import PopulationMetrics
     from population.report import GenerationLog
     from population.trainable import OrganismTrainable
 
     trainable = tune.with_resources(OrganismTrainable, organism_resources(config))
-    callback = GenerationLog(str(run_dir), config.population.size, config.population.generations,
-                             config.to_dict(), printer=printer)
+    # Ray's state API and dashboard name an actor by its class's qualified name; Tune's resource
+    # wrapper is "with_resources.<locals>.ResourceTrainable". Keep the organisms recognisable.
+    trainable.__qualname__ = OrganismTrainable.__qualname__
+    callbacks = [
+        GenerationLog(str(run_dir), config.population.size, config.population.generations,
+                      config.to_dict(), printer=printer),
+        PopulationMetrics(run=run_dir.name),
+    ]
     if resume:
-        tuner = tune.Tuner.restore(str(run_dir / TUNE_DIR), trainable=trainable,
-                                   resume_unfinished=True, resume_errored=True)
-        return tuner
+        # Tune restores the run config it saved, callbacks included.
+        return tune.Tuner.restore(str(run_dir / TUNE_DIR), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True)
     starts = initial_values(config)
     param_space = {"run": config.to_dict(), "trial_index": tune.grid_search(list(range(config.population.size)))}
     for name in config.mutations:
@@ -180,7 +214,7 @@ def build_tuner(config: run_config.RunConfig, run_dir: Path, resume: bool, print
             # Every checkpoint is kept: asynchronous PBT may clone any trial's latest-but-N checkpoint.
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=config.ray.max_failures),
-            callbacks=[callback],
+            callbacks=callbacks,
             verbose=0,
         ),
     )
@@ -219,6 +253,42 @@ def reference_food(config: run_config.RunConfig) -> dict:
             for policy in ("random", "greedy")}
 
 
+def linger_for_final_scrape(seconds: float) -> None:
+    """The final generation's metrics live in this driver: keep it (and a local Ray instance) up
+    long enough for Ray to export them and Prometheus to scrape them. Ctrl-C ends the wait."""
+    if seconds <= 0:
+        return
+    print(f"metrics: keeping the final values exported for {seconds:g} s "
+          f"(ray.metrics_linger_seconds; Ctrl-C to stop now)", flush=True)
+    import signal
+    import threading
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())  # Tune leaves its own handler
+    try:
+        stop.wait(seconds)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def print_outcome(summary: dict, best: dict | None, references: dict, run_dir: Path, elapsed: float) -> None:
+    from population import report
+
+    if best:
+        last = summary["generations"][-1] if summary["generations"] else None
+        print(
+            f"best organism: trial {best['trial_id']}  fitness {best['fitness']:.1f} food/episode "
+            f"(random {references['random']:.1f}, greedy walk {references['greedy']:.1f})  "
+            f"{best['hidden_neurons']} hidden neurons  "
+            f"{best['energy_per_decision_joules'] * 1e9:.1f} nJ/decision"
+        )
+        if last:
+            print(f"population mean fitness at generation {last['generation']}: {last['mean_fitness']:.1f}")
+        print(f"checkpoint: {best['checkpoint']}")
+    print(f"outputs: {run_dir / report.SUMMARY_FILE}, {run_dir / report.ROWS_FILE}, plots *.png  ({elapsed:.0f} s)",
+          flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -242,14 +312,16 @@ def main(argv=None) -> int:
         flush=True,
     )
 
+    keep_ray_on_loopback(config, args)
     import ray
 
     from population.trainable import quiet_tune_logs
 
     quiet_tune_logs()
-    start_ray(config, args)
+    context = start_ray(config, args)
     try:
         res = organism_resources(config)
+        print_endpoints(config, args, context)
         print(f"resources per organism: {res['cpu']:g} CPU, {res['gpu']:g} GPU "
               f"(cluster: {ray.cluster_resources().get('CPU', 0):g} CPU, "
               f"{ray.cluster_resources().get('GPU', 0):g} GPU)", flush=True)
@@ -268,22 +340,12 @@ def main(argv=None) -> int:
                    "errors": [str(r.error) for r in results if r.error is not None]},
         )
         report.write_plots(run_dir, summary["generations"])
+        print_outcome(summary, best, references, run_dir, elapsed)
+        linger_for_final_scrape(config.ray.metrics_linger_seconds)
     finally:
         ray.shutdown()
 
     errors = summary["errors"]
-    if best:
-        last = summary["generations"][-1] if summary["generations"] else None
-        print(
-            f"best organism: trial {best['trial_id']}  fitness {best['fitness']:.1f} food/episode "
-            f"(random {references['random']:.1f}, greedy walk {references['greedy']:.1f})  "
-            f"{best['hidden_neurons']} hidden neurons  "
-            f"{best['energy_per_decision_joules'] * 1e9:.1f} nJ/decision"
-        )
-        if last:
-            print(f"population mean fitness at generation {last['generation']}: {last['mean_fitness']:.1f}")
-        print(f"checkpoint: {best['checkpoint']}")
-    print(f"outputs: {run_dir / report.SUMMARY_FILE}, {run_dir / report.ROWS_FILE}, plots *.png  ({elapsed:.0f} s)")
     if errors:
         print(f"{len(errors)} trial(s) failed; first error: {errors[0]}", file=sys.stderr)
         return 1

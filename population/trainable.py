@@ -111,6 +111,7 @@ class OrganismTrainable(tune.Trainable):
             "neurons_per_grow": organism.config.neurons_per_grow,
             "learning_rule": organism.config.learning_rule,
             "weight_noise": float(self.config.get("weight_noise", 0.0)),
+            "decisions_this_generation": decisions,
             "decisions_per_second": decisions / max(learn_seconds, 1e-9),
             "learn_seconds": learn_seconds,
             "eval_seconds": eval_seconds,

@@ -26,6 +26,7 @@ TINY = [
     # Organisms start at different sizes, so every exploit copies across sizes.
     "--set", "pbt.mutations.init_hidden={choice: [32, 64, 96, 128]}",
     "--set", "organism.min_hidden=32",
+    "--set", "ray.metrics_linger_seconds=0",
 ]
 
 
@@ -80,7 +81,8 @@ class Run:
 
     def fresh(self) -> "Run":
         return self.start("--pop", str(POP), "--generations", str(GENERATIONS), "--output", str(self.run_dir),
-                          "--set", f"ray.metrics_export_port={free_port()}", *TINY, *self.args)
+                          "--set", f"ray.metrics_export_port={free_port()}",
+                          "--set", f"ray.dashboard_port={free_port()}", *TINY, *self.args)
 
     def wait(self, timeout=240) -> tuple[int, str]:
         out, _ = self.process.communicate(timeout=timeout)
