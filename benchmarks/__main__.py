@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick] [--json PATH]``: decisions per second, see benchmarks/decisions.py.
+"""``python -m benchmarks [--quick] [--json PATH]``: decisions per second evaluating and learning,
+cost against active size (pruned organism) and peak memory per organism; see benchmarks/decisions.py.
 
 Progress goes to stderr; the table and then the JSON report go to stdout, and the JSON is also
 written to PATH when given.
@@ -14,8 +15,9 @@ from benchmarks.decisions import Settings, run_all, table
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Organism vs naive SNN: decisions per second on one core.")
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under a minute)")
+    parser = argparse.ArgumentParser(description="Organism vs naive SNN on one core: decisions/s evaluating and "
+                                     "learning, pruned vs grown organism, peak RSS per organism.")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about a minute)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
     args = parser.parse_args(argv)
     settings = Settings.quick() if args.quick else Settings()

@@ -1,8 +1,9 @@
-"""Decisions per second: the organism's batched evaluation against a naive one-world SNN loop.
+"""Decisions per second: the organism evaluating and learning, against a naive one-world SNN loop.
 
-All figures come from ONE run on ONE core (``torch.set_num_threads(1)``); every rate is the median
-over several timed repeats that follow a warm-up. A *decision* is one world choosing one action,
-so a batch step of B worlds counts B decisions. Each rate also records its CPU share (thread CPU
+All figures come from ONE run on ONE core (``torch.set_num_threads(1)``; the memory figures from
+subprocesses it starts); every rate is the median over several timed repeats that follow a
+warm-up. A *decision* is one world choosing one action, so a batch step of B worlds counts B
+decisions. Each rate also records its CPU share (thread CPU
 time / wall time): on a shared machine, a share below ~0.95 means other processes took the core
 and the wall-clock figures of that run understate the code (the table then prints a warning).
 
@@ -44,15 +45,65 @@ dense_matmul
     readout on every SNN step, i.e. what a dense implementation must at least do, ignoring the
     LIF arithmetic itself. ``organism_eval / dense_bound`` > 1 means the organism decides faster
     than any dense implementation could (it uses the observation's sparsity and reads out once).
+
+organism_learning
+    Decisions/s while learning, per learning rule (``reinforce``, ``rstdp``), at hidden sizes
+    64, 256, 512, 1024 (``--quick``: 512) and batch sizes 16 (the population's default
+    ``population.worlds``) and 256 (as ``organism_eval``). The timed loop is ``gsnn.train.live``'s:
+    ``learn_act`` + ``env.step`` + ``learn_feedback`` (which makes the update every
+    ``rollout_length`` = 16 decision steps) + the finished-episode bookkeeping, in the organism's
+    own ``BatchedForagingGrid``; one timed call is one whole rollout, so the update is always
+    inside the timed region, and ``finish_rollout`` runs at the end of each repeat (as at the end
+    of ``live``; it has nothing left to learn there). The organism's structure is held fixed:
+    ``grow_threshold = prune_threshold = 0`` (no rate is below 0), so ``structural_step`` still
+    runs its checks but never grows or prunes; the size is checked after timing. Beside each
+    (H, B), evaluation's full loop (as ``organism_eval``'s ``full_loop``) is timed again, for an
+    organism of the same configuration in worlds of the same batch and seed, and
+    ``learning_over_eval`` = learning / evaluation decisions/s. ``time_shares``
+    splits one further (untimed for the headline) pass into ``learn_act``, ``env_step``,
+    ``learn_feedback`` (steps without an update), ``update`` (steps with one: backward or R-STDP
+    directions, clip, Adam, finiteness checks, ``structural_step``) and ``other`` (the loop's
+    own bookkeeping). TARGETS at H = 512 (each batch size): REINFORCE >= 0.25 and R-STDP >= 0.50
+    of evaluation's rate.
+
+pruning
+    Cost against active size. One organism is born at 64 neurons and really grows to 512 through
+    its own learning loop (``live`` with ``grow_threshold = 1``, ``grow_interval = 1``, 64
+    neurons per growth), then its structure is frozen (thresholds 0) and timed: evaluation
+    (full loop and organism only, at the largest eval batch) and learning (its rule, REINFORCE,
+    in its own 16 worlds). Then the same organism is pruned to 128 by its own prune path (one
+    more rollout of ``live`` with ``prune_threshold = 1``, ``prune_grace = 0``,
+    ``min_hidden = 128``, growth checks off: ``structural_step`` removes the 384 quietest
+    neurons through ``Organism.prune``), frozen again and timed the same way. ``speedup`` =
+    rate at 128 / rate at 512. TARGET: >= 2.5x per decision, on the evaluation full loop.
+
+memory
+    Peak RSS of a fresh Python subprocess that imports torch, norse, gsnn and envs, builds one
+    organism at hidden 1024 (structure fixed), runs ``gsnn.train.live`` for
+    ``memory_learn_steps`` decision steps in 16 worlds on one torch thread, evaluates it greedily
+    on 32 worlds for one episode and saves a checkpoint: one generation of an organism actor's
+    work. The peak is ``VmHWM`` from ``/proc/self/status`` (``ru_maxrss`` where there is no
+    /proc; on Linux ``ru_maxrss`` would report the parent benchmark's own peak, which it inherits
+    across fork + exec). Reported per rule, with the peak already reached after the imports, after
+    building the organism, and after learning. It EXCLUDES everything Ray adds to an actor (the
+    ray/tune imports, the core worker and its threads, the Trainable, Tune's result and
+    checkpoint handling, the shared-memory object store): ``python -m benchmarks.population``
+    measures real actors.
+    TARGET: <= 400 MB (10^6 bytes) per organism at hidden 1024.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -62,6 +113,10 @@ T_STEPS = 10  # SNN steps per decision (OrganismConfig.snn_steps default)
 N_INPUTS = 450
 N_ACTIONS = 4
 TARGET_RATIO_H512 = 300.0
+TARGET_LEARNING_OVER_EVAL = {"reinforce": 0.25, "rstdp": 0.50}  # at H = 512, same batch
+TARGET_PRUNED_SPEEDUP = 2.5  # 128 active neurons (pruned from 512) against 512, per decision
+TARGET_MEMORY_BYTES = 400 * 10**6  # peak RSS per organism at hidden 1024
+LEARNING_RULES = ("reinforce", "rstdp")  # gsnn.config.LEARNING_RULES
 
 
 # -- settings --------------------------------------------------------------------------------------
@@ -75,11 +130,35 @@ class Settings:
     naive_decisions: int = 400  # decisions per timed repeat of the naive reference
     naive_repeats: int = 7
     observation_batches: int = 32  # pre-generated observation batches for organism_only
+    # Learning (decisions/s including the update), per rule, against evaluation at the same H, B.
+    learn_hidden_sizes: tuple[int, ...] = (64, 256, 512, 1024)
+    learn_batch_sizes: tuple[int, ...] = (16, 256)  # 16 = population.worlds default
+    learning_rules: tuple[str, ...] = LEARNING_RULES
+    # Pruning: an organism grown to prune_from neurons, then pruned to prune_to.
+    prune_from: int = 512
+    prune_to: int = 128
+    prune_learn_batch: int = 16
+    # Peak RSS of one organism learning, in a fresh subprocess.
+    memory_hidden: int = 1024
+    memory_worlds: int = 16
+    memory_eval_worlds: int = 32
+    memory_learn_steps: int = 1000  # one generation of the default config: 2 episodes of 500
+    memory_rules: tuple[str, ...] = LEARNING_RULES
 
     @classmethod
     def quick(cls) -> "Settings":
         return cls(hidden_sizes=(64, 512), batch_sizes=(256,), repeats=5, repeat_seconds=0.3,
-                   warmup_seconds=0.1, naive_decisions=200, naive_repeats=5, observation_batches=16)
+                   warmup_seconds=0.1, naive_decisions=200, naive_repeats=5, observation_batches=16,
+                   learn_hidden_sizes=(512,), memory_learn_steps=200, memory_rules=("reinforce",))
+
+    @classmethod
+    def tiny(cls) -> "Settings":
+        """For tests: every code path once, at small sizes, with next to no timing."""
+        return cls(hidden_sizes=(32,), batch_sizes=(8,), repeats=2, repeat_seconds=0.01,
+                   warmup_seconds=0.0, naive_decisions=5, naive_repeats=2, observation_batches=2,
+                   learn_hidden_sizes=(32,), learn_batch_sizes=(4,), prune_from=96, prune_to=48,
+                   prune_learn_batch=4, memory_hidden=64, memory_worlds=4, memory_eval_worlds=4,
+                   memory_learn_steps=20, memory_rules=("rstdp",))
 
 
 # -- timing ----------------------------------------------------------------------------------------
@@ -132,7 +211,7 @@ def timed_rate(run: Callable[[int], None], units_per_call: int, settings: Settin
     return repeat_timed(lambda: run(n), n * units_per_call, settings.repeats)
 
 
-# -- 1. the organism -------------------------------------------------------------------------------
+# -- 1. the organism evaluating---------------------------------------------------------------------------
 def make_organism(hidden: int):
     from gsnn.config import OrganismConfig
     from gsnn.organism import Organism
@@ -145,8 +224,14 @@ def measure_organism(hidden: int, batch: int, settings: Settings, seed: int = 0)
     """``full_loop`` and ``organism_only`` decisions/s of Organism.act for B worlds."""
     from envs import BatchedForagingGrid
 
-    organism = make_organism(hidden)
-    env = BatchedForagingGrid(batch, seed=seed)
+    rates = eval_rates(make_organism(hidden), BatchedForagingGrid(batch, seed=seed), settings)
+    return {"hidden": hidden, "batch": batch, **rates}
+
+
+def eval_rates(organism, env, settings: Settings, organism_only: bool = True) -> dict:
+    """Evaluation decisions/s of ``organism`` in ``env``: ``full_loop`` and (if asked)
+    ``organism_only`` with ``active_inputs_per_decision``. The organism's LIF state is reset."""
+    batch = env.num_worlds
     obs = env.reset()
     organism.reset_state(batch)
 
@@ -159,6 +244,8 @@ def measure_organism(hidden: int, batch: int, settings: Settings, seed: int = 0)
         organism.energy.reset()  # the meter only queues tensors; keep the queue short
 
     full = timed_rate(full_loop, batch, settings)
+    if not organism_only:
+        return {"full_loop": asdict(full)}
 
     # A fixed set of realistic observation batches, from worlds driven by the organism itself.
     stored = []
@@ -176,11 +263,10 @@ def measure_organism(hidden: int, batch: int, settings: Settings, seed: int = 0)
 
     only = timed_rate(organism_only, batch, settings)
     active = float(torch.stack(stored).reshape(-1, N_INPUTS).count_nonzero(dim=1).float().mean())
-    return {"hidden": hidden, "batch": batch, "full_loop": asdict(full), "organism_only": asdict(only),
-            "active_inputs_per_decision": active}
+    return {"full_loop": asdict(full), "organism_only": asdict(only), "active_inputs_per_decision": active}
 
 
-# -- 2. the naive reference ------------------------------------------------------------------------
+# -- 3. the naive reference ------------------------------------------------------------------------
 @dataclass
 class NaiveAgent:
     """The prototype's decision: dense input every SNN step, Norse LIFCell, readout on counts."""
@@ -260,6 +346,235 @@ def measure_env(batch: int, settings: Settings, seed: int = 0) -> dict:
     return {"batch": batch, "steps_per_s": asdict(timed_rate(run, batch, settings))}
 
 
+# -- 2. the organism learning ----------------------------------------------------------------------
+def fixed_size_config(hidden: int, **overrides):
+    """An OrganismConfig whose structure never changes: no firing rate is below 0, so with
+    grow_threshold = prune_threshold = 0 ``structural_step`` runs its checks but never acts."""
+    from gsnn.config import OrganismConfig
+
+    values = dict(init_hidden=hidden, max_hidden=hidden, min_hidden=min(32, hidden),
+                  grow_threshold=0.0, prune_threshold=0.0)
+    return OrganismConfig(**{**values, **overrides})
+
+
+def freeze_structure(organism) -> None:
+    """Make the organism's current size final (PBT's own path for new settings: set_config)."""
+    H = organism.hidden_neurons
+    organism.set_config(replace(organism.config, init_hidden=H, max_hidden=H, min_hidden=min(32, H),
+                                grow_threshold=0.0, prune_threshold=0.0))
+
+
+def learn_rates(organism, env, settings: Settings) -> dict:
+    """Decisions/s of ``gsnn.train.live``'s loop (see the module docstring), one timed call per
+    rollout, and the time shares of its parts in one further pass of the same length."""
+    batch, steps = env.num_worlds, organism.config.rollout_length
+    hidden = organism.hidden_neurons
+    obs = env.reset()
+    organism.reset_state(batch)
+    finished: list[float] = []
+
+    def run(n: int) -> None:
+        nonlocal obs
+        for _ in range(n * steps):
+            actions = organism.learn_act(obs)
+            result = env.step(actions)
+            organism.learn_feedback(result.reward, result.done)
+            if bool(result.done.any()):
+                finished.extend(result.episode_food[result.done].tolist())
+            obs = result.observation
+        organism.finish_rollout()
+        finished.clear()
+
+    updates_before = organism.stats.updates
+    rate = timed_rate(run, steps * batch, settings)
+
+    phases = dict.fromkeys(("learn_act", "env_step", "learn_feedback", "update", "other"), 0.0)
+    clock = time.perf_counter
+    for _ in range(max(1, rate.units_per_repeat // batch)):
+        t0 = clock()
+        actions = organism.learn_act(obs)
+        t1 = clock()
+        result = env.step(actions)
+        t2 = clock()
+        updated = organism.learn_feedback(result.reward, result.done)
+        t3 = clock()
+        if bool(result.done.any()):
+            finished.extend(result.episode_food[result.done].tolist())
+        obs = result.observation
+        t4 = clock()
+        phases["learn_act"] += t1 - t0
+        phases["env_step"] += t2 - t1
+        phases["update" if updated else "learn_feedback"] += t3 - t2
+        phases["other"] += t4 - t3
+    organism.finish_rollout()
+    if organism.hidden_neurons != hidden:
+        raise RuntimeError(f"the organism changed size while timed: {hidden} -> {organism.hidden_neurons}")
+    total = sum(phases.values())
+    return {"decisions_per_s": asdict(rate), "time_shares": {k: v / total for k, v in phases.items()},
+            "updates": organism.stats.updates - updates_before, "nonfinite_updates_skipped":
+            organism.stats.nonfinite_updates_skipped}
+
+
+def measure_learning(hidden: int, batch: int, settings: Settings, seed: int = 0) -> dict:
+    """Per rule: learning decisions/s at (H, B), and evaluation's full loop at the same (H, B)."""
+    from envs import BatchedForagingGrid
+    from gsnn.organism import Organism
+
+    evaluation = eval_rates(Organism(fixed_size_config(hidden, seed=seed)),
+                            BatchedForagingGrid(batch, seed=seed), settings, organism_only=False)["full_loop"]
+    rules = {}
+    for rule in settings.learning_rules:
+        organism = Organism(fixed_size_config(hidden, learning_rule=rule, seed=seed))
+        measured = learn_rates(organism, BatchedForagingGrid(batch, seed=seed), settings)
+        measured["learning_over_eval"] = measured["decisions_per_s"]["median"] / evaluation["median"]
+        if hidden == 512 and rule in TARGET_LEARNING_OVER_EVAL:
+            measured["target_learning_over_eval"] = TARGET_LEARNING_OVER_EVAL[rule]
+            measured["meets_target"] = measured["learning_over_eval"] >= TARGET_LEARNING_OVER_EVAL[rule]
+        rules[rule] = measured
+    return {"hidden": hidden, "batch": batch, "eval_full_loop": evaluation, "rules": rules}
+
+
+# -- 5. cost against active size: an organism grown, then pruned -----------------------------------
+def measure_pruning(settings: Settings, seed: int = 0) -> dict:
+    """One organism grows to ``prune_from`` through its own learning, is timed, is pruned to
+    ``prune_to`` through its own prune path, and is timed again (see the module docstring)."""
+    from envs import BatchedForagingGrid
+    from gsnn.config import OrganismConfig
+    from gsnn.organism import Organism
+    from gsnn.train import live
+
+    big, small = settings.prune_from, settings.prune_to
+    start = min(64, small)
+    config = OrganismConfig(init_hidden=start, min_hidden=min(32, start), max_hidden=big, grow_threshold=1.0,
+                            grow_interval=1, neurons_per_grow=64, prune_threshold=0.0, seed=seed)
+    organism = Organism(config)
+    env = BatchedForagingGrid(settings.prune_learn_batch, seed=seed)
+    eval_env = BatchedForagingGrid(max(settings.batch_sizes), seed=seed)
+    steps, obs = config.rollout_length, None
+    for _ in range(4 * big // config.neurons_per_grow + 4):  # one growth per rollout, while rate < 1
+        if organism.hidden_neurons >= big:
+            break
+        obs, _ = live(organism, env, steps, obs)
+    if organism.hidden_neurons != big:
+        raise RuntimeError(f"the organism grew to {organism.hidden_neurons}, not {big}")
+    grown = {"grow_events": organism.stats.grow_events, "neurons_added": organism.stats.neurons_added,
+             "learning_steps": organism.stats.decision_steps}
+
+    def timed() -> dict:
+        freeze_structure(organism)
+        H = organism.hidden_neurons
+        out = {"hidden": H, **eval_rates(organism, eval_env, settings)}
+        out["learning"] = learn_rates(organism, env, settings)
+        out["learning"]["batch"] = env.num_worlds
+        out["learning"]["rule"] = organism.config.learning_rule
+        if organism.hidden_neurons != H:
+            raise RuntimeError("the organism changed size while timed")
+        return out
+
+    at_big = timed()
+    # Prune through the organism's own path: every neuron is a candidate (rate < 1), none is in
+    # its grace period, the quietest go first down to min_hidden; growth checks are off.
+    organism.set_config(replace(organism.config, init_hidden=small, min_hidden=small, max_hidden=big,
+                                grow_threshold=1.0, prune_threshold=1.0, prune_interval=1, prune_grace=0,
+                                grow_interval=10**9))
+    before = organism.stats.prune_events
+    obs, _ = live(organism, env, steps, None)
+    if organism.hidden_neurons != small or organism.stats.prune_events != before + 1:
+        raise RuntimeError(f"pruning left {organism.hidden_neurons} neurons, expected {small}")
+    at_small = timed()
+
+    speedup = {
+        "full_loop": at_small["full_loop"]["median"] / at_big["full_loop"]["median"],
+        "organism_only": at_small["organism_only"]["median"] / at_big["organism_only"]["median"],
+        "learning": (at_small["learning"]["decisions_per_s"]["median"]
+                     / at_big["learning"]["decisions_per_s"]["median"]),
+    }
+    return {
+        "grown_from": start, "grown": grown, "pruned_from": big, "pruned_to": small,
+        "neurons_removed": organism.stats.neurons_removed, "eval_batch": eval_env.num_worlds,
+        "before_pruning": at_big, "after_pruning": at_small, "speedup": speedup,
+        "target_speedup": TARGET_PRUNED_SPEEDUP, "meets_target": speedup["full_loop"] >= TARGET_PRUNED_SPEEDUP,
+    }
+
+
+# -- 7. peak memory of one organism learning -------------------------------------------------------
+def memory_child(rule: str, hidden: int, worlds: int, eval_worlds: int, learn_steps: int) -> dict:
+    """Run in a fresh process (see ``measure_memory``): one generation of an actor's work."""
+    import resource
+    import tempfile
+
+    def status(field: str) -> int | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def peak() -> int:
+        # VmHWM: the high-water mark of this address space, new at exec. (ru_maxrss is not used
+        # where VmHWM exists: Linux carries the parent's high-water mark across fork + exec into
+        # it, so in a child of a big process it reports the parent's peak.)
+        hwm = status("VmHWM")
+        if hwm is not None:
+            return hwm
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return kib if sys.platform == "darwin" else kib * 1024
+
+    def current() -> int:
+        return status("VmRSS") or 0
+
+    torch.set_num_threads(1)
+    import norse.torch  # noqa: F401
+
+    from gsnn.organism import Organism
+    from gsnn.train import WorldConfig, evaluate, live
+
+    imports = {"peak": peak(), "current": current()}
+    world = WorldConfig(num_worlds=worlds)
+    organism = Organism(fixed_size_config(hidden, learning_rule=rule))
+    after_organism = peak()
+    live(organism, world.make(seed=0), learn_steps)
+    after_learning = peak()
+    evaluate(organism, world.make(seed=1, num_worlds=eval_worlds), seed=1)
+    with tempfile.TemporaryDirectory() as folder:
+        organism.save(Path(folder) / "organism.ckpt")
+    tensors = sum(p.numel() * p.element_size() for p in organism.params.values())
+    tensors += sum(t.numel() * t.element_size() for state in organism.optimizer.state.values()
+                   for t in state.values() if isinstance(t, torch.Tensor))
+    return {
+        "peak_source": "VmHWM" if status("VmHWM") is not None else "ru_maxrss",
+        "rss_after_imports_bytes": imports["peak"], "rss_current_after_imports_bytes": imports["current"],
+        "peak_rss_after_organism_bytes": after_organism, "peak_rss_after_learning_bytes": after_learning,
+        "peak_rss_bytes": peak(),
+        "rss_current_at_end_bytes": current(), "parameter_and_adam_bytes": tensors,
+        "hidden_at_end": organism.hidden_neurons, "updates": organism.stats.updates,
+    }
+
+
+def measure_memory(rule: str, settings: Settings) -> dict:
+    args = (rule, settings.memory_hidden, settings.memory_worlds, settings.memory_eval_worlds,
+            settings.memory_learn_steps)
+    root = str(Path(__file__).resolve().parent.parent)
+    code = ("import json, sys; from benchmarks.decisions import memory_child; "
+            f"print(json.dumps(memory_child(*{args!r})))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env,
+                         timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory subprocess failed:\n{out.stderr[-3000:]}")
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    measured["peak_minus_imports_bytes"] = measured["peak_rss_bytes"] - measured["rss_after_imports_bytes"]
+    report = {"rule": rule, "hidden": settings.memory_hidden, "worlds": settings.memory_worlds,
+              "eval_worlds": settings.memory_eval_worlds, "learning_steps": settings.memory_learn_steps,
+              **measured}
+    if settings.memory_hidden == 1024:
+        report["target_bytes"] = TARGET_MEMORY_BYTES
+        report["meets_target"] = measured["peak_rss_bytes"] <= TARGET_MEMORY_BYTES
+    return report
+
+
 # -- 4. dense matrix multiply ----------------------------------------------------------------------
 def measure_matmul(settings: Settings) -> dict:
     shapes = {"256x450@450x512": (256, 450, 512), "1024x1024@1024x1024": (1024, 1024, 1024)}
@@ -321,6 +636,17 @@ def run_all(settings: Settings, log: Callable[[str], None] = print) -> dict:
     for hidden in settings.hidden_sizes:
         log(f"naive H={hidden} ...")
         report["naive_reference"].append(measure_naive(hidden, settings))
+    report["organism_learning"] = []
+    for hidden in settings.learn_hidden_sizes:
+        for batch in settings.learn_batch_sizes:
+            log(f"learning H={hidden} B={batch} ({', '.join(settings.learning_rules)}) ...")
+            report["organism_learning"].append(measure_learning(hidden, batch, settings))
+    log(f"pruning {settings.prune_from} -> {settings.prune_to} ...")
+    report["pruning"] = measure_pruning(settings)
+    report["memory"] = []
+    for rule in settings.memory_rules:
+        log(f"memory H={settings.memory_hidden} {rule} (subprocess) ...")
+        report["memory"].append(measure_memory(rule, settings))
     report["ratios"] = ratios(report)
     report["min_cpu_share"] = min_cpu_share(report)
     report["machine"]["load_average_1m_at_end"] = os.getloadavg()[0]
@@ -363,6 +689,13 @@ def min_cpu_share(report: dict) -> float:
     shares += [r["steps_per_s"]["cpu_share"] for r in report["env_step"]]
     for r in report["naive_reference"]:
         shares += [r["decisions_per_s"]["cpu_share"], r["decisions_per_s_autograd"]["cpu_share"]]
+    for r in report.get("organism_learning", []):
+        shares.append(r["eval_full_loop"]["cpu_share"])
+        shares += [rule["decisions_per_s"]["cpu_share"] for rule in r["rules"].values()]
+    if "pruning" in report:
+        for side in (report["pruning"]["before_pruning"], report["pruning"]["after_pruning"]):
+            shares += [side["full_loop"]["cpu_share"], side["organism_only"]["cpu_share"],
+                       side["learning"]["decisions_per_s"]["cpu_share"]]
     return min(shares)
 
 
@@ -409,8 +742,74 @@ def table(report: dict) -> str:
             f" {r['dense_bound']:>12,.0f}"
             f" {r['full_loop_over_dense_bound']:>11.2f} {r['organism_only_over_dense_bound']:>11.2f}{flag}"
         )
+    lines += _learning_lines(report) + _pruning_lines(report) + _memory_lines(report)
     lines.append(f"\n({report['seconds']} s)")
     return "\n".join(lines)
+
+
+def _met(met: bool) -> str:
+    return "MET" if met else "NOT MET"
+
+
+def _learning_lines(report: dict) -> list[str]:
+    if not report.get("organism_learning"):
+        return []
+    lines = ["", "organism_learning (decisions/s incl. updates, gsnn.train.live's loop; eval = full loop at same H, B)",
+             f"  {'H':>5} {'B':>4} {'rule':>9}  {'learning':>26} {'cpu':>4} {'eval':>9} {'learn/eval':>10}"
+             f"  {'act/env/feedback/update/other %':>31}  target"]
+    for r in report["organism_learning"]:
+        for rule, m in r["rules"].items():
+            shares = "/".join(f"{100 * m['time_shares'][k]:.0f}"
+                              for k in ("learn_act", "env_step", "learn_feedback", "update", "other"))
+            flag = ""
+            if "target_learning_over_eval" in m:
+                flag = f">= {m['target_learning_over_eval']:.2f}: {_met(m['meets_target'])}"
+            lines.append(
+                f"  {r['hidden']:>5} {r['batch']:>4} {rule:>9}  {_rate(m['decisions_per_s']):>26}"
+                f" {m['decisions_per_s']['cpu_share']:>4.2f} {r['eval_full_loop']['median']:>9,.0f}"
+                f" {m['learning_over_eval']:>10.2f}  {shares:>31}  {flag}"
+            )
+    return lines
+
+
+def _pruning_lines(report: dict) -> list[str]:
+    if "pruning" not in report:
+        return []
+    p = report["pruning"]
+    big, small = p["before_pruning"], p["after_pruning"]
+    learn_batch = big["learning"]["batch"]
+    lines = ["", f"pruning: one organism grown {p['grown_from']} -> {p['pruned_from']} "
+                 f"({p['grown']['grow_events']} growths), timed, pruned -> {p['pruned_to']} by its own prune path,"
+                 " timed (decisions/s)",
+             f"  {'H':>5}  {'eval full loop B=' + str(p['eval_batch']):>26}  {'organism only':>26}"
+             f"  {'learning B=' + str(learn_batch):>26}"]
+    for side in (big, small):
+        lines.append(f"  {side['hidden']:>5}  {_rate(side['full_loop']):>26}  {_rate(side['organism_only']):>26}"
+                     f"  {_rate(side['learning']['decisions_per_s']):>26}")
+    sp = p["speedup"]
+    lines.append(f"  {p['pruned_to']}/{p['pruned_from']} speed-up: full loop {sp['full_loop']:.2f}x, organism only "
+                 f"{sp['organism_only']:.2f}x, learning {sp['learning']:.2f}x"
+                 f"   <- target full loop >= {p['target_speedup']:.1f}x: {_met(p['meets_target'])}")
+    return lines
+
+
+def _memory_lines(report: dict) -> list[str]:
+    if not report.get("memory"):
+        return []
+    lines = ["", "memory: peak RSS of a fresh process, one organism learning + evaluating + checkpointing "
+                 "(MB = 10^6 B; excludes Ray's actor overhead)",
+             f"  {'':>22}  {'peak after: imports':>19} {'organism':>9} {'learning':>9}  {'overall':>7}",
+             f"  {'H':>5} {'rule':>9} {'steps':>6}  {'':>19} {'':>9} {'':>9}  {'peak':>7}"
+             f" {'params+Adam':>11}  target"]
+    mb = lambda b: f"{b / 1e6:.0f} MB"  # noqa: E731
+    for m in report["memory"]:
+        flag = f"<= {m['target_bytes'] / 1e6:.0f} MB: {_met(m['meets_target'])}" if "target_bytes" in m else ""
+        lines.append(
+            f"  {m['hidden']:>5} {m['rule']:>9} {m['learning_steps']:>6}  {mb(m['rss_after_imports_bytes']):>19}"
+            f" {mb(m['peak_rss_after_organism_bytes']):>9} {mb(m['peak_rss_after_learning_bytes']):>9}"
+            f"  {mb(m['peak_rss_bytes']):>7} {m['parameter_and_adam_bytes'] / 1e6:>8.1f} MB  {flag}"
+        )
+    return lines
 
 
 def _rate(rate: dict) -> str:

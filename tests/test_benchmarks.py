@@ -1,0 +1,84 @@
+"""benchmarks.decisions: every measurement runs end to end at tiny sizes and reports what it says.
+
+No timing is asserted (rates on a shared machine mean nothing at these sizes): only that each
+section is there, its rates are positive, the organism's size was what the section claims, and
+the table prints."""
+
+import json
+
+import pytest
+
+from benchmarks import decisions
+from benchmarks.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def report():
+    return decisions.run_all(decisions.Settings.tiny(), log=lambda line: None)
+
+
+def positive(rate: dict) -> bool:
+    return rate["median"] > 0 and rate["low"] > 0 and rate["high"] >= rate["low"] and rate["repeats"] >= 1
+
+
+def test_sections_present(report):
+    for key in ("dense_matmul", "organism_eval", "env_step", "naive_reference", "organism_learning",
+                "pruning", "memory", "ratios", "min_cpu_share", "seconds"):
+        assert key in report
+    json.dumps(report)  # the report is plain JSON
+
+
+def test_learning_rates(report):
+    settings = decisions.Settings.tiny()
+    rows = report["organism_learning"]
+    assert [(r["hidden"], r["batch"]) for r in rows] == [(32, 4)]
+    row = rows[0]
+    assert positive(row["eval_full_loop"])
+    assert set(row["rules"]) == set(settings.learning_rules) == {"reinforce", "rstdp"}
+    for measured in row["rules"].values():
+        assert positive(measured["decisions_per_s"])
+        assert measured["updates"] >= 1  # the update is inside the measured loop
+        assert measured["learning_over_eval"] > 0
+        assert sum(measured["time_shares"].values()) == pytest.approx(1.0)
+        assert "target_learning_over_eval" not in measured  # targets are stated at H = 512 only
+
+
+def test_pruning_really_grew_and_pruned(report):
+    p = report["pruning"]
+    assert p["pruned_from"] == 96 and p["pruned_to"] == 48
+    assert p["before_pruning"]["hidden"] == 96 and p["after_pruning"]["hidden"] == 48
+    assert p["grown"]["grow_events"] >= 1 and p["neurons_removed"] == 48
+    for side in (p["before_pruning"], p["after_pruning"]):
+        assert positive(side["full_loop"]) and positive(side["organism_only"])
+        assert positive(side["learning"]["decisions_per_s"])
+    assert set(p["speedup"]) == {"full_loop", "organism_only", "learning"}
+    assert isinstance(p["meets_target"], bool)
+
+
+def test_memory_subprocess(report):
+    (m,) = report["memory"]
+    assert m["rule"] == "rstdp" and m["hidden"] == 64 and m["hidden_at_end"] == 64
+    assert m["updates"] >= 1
+    assert m["peak_source"] in ("VmHWM", "ru_maxrss")
+    assert (m["peak_rss_bytes"] >= m["peak_rss_after_learning_bytes"] >= m["peak_rss_after_organism_bytes"]
+            >= m["rss_after_imports_bytes"] > 0)
+    assert m["parameter_and_adam_bytes"] > 0
+    assert "target_bytes" not in m  # the target is stated at H = 1024 only
+
+
+def test_table_prints(report):
+    text = decisions.table(report)
+    for heading in ("organism_eval", "organism_learning", "pruning", "memory"):
+        assert heading in text
+
+
+def test_cli_writes_json(report, tmp_path, monkeypatch, capsys):
+    import benchmarks.__main__ as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_all", lambda settings, log: seen.append(settings) or report)
+    out = tmp_path / "out.json"
+    assert main(["--quick", "--json", str(out)]) == 0
+    assert seen == [decisions.Settings.quick()]
+    assert json.loads(out.read_text())["pruning"]["after_pruning"]["hidden"] == 48
+    assert "organism_learning" in capsys.readouterr().out
