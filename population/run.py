@@ -142,7 +142,9 @@ def organism_resources(config: run_config.RunConfig) -> dict:
         cpus = max(0.01, min(1.0, int(100 * cluster.get("CPU", 1) / size) / 100))
     gpus = config.resources.gpus_per_organism
     if gpus == "auto":
-        gpus = int(100 * cluster.get("GPU", 0) / size) / 100 if cluster.get("GPU", 0) else 0.0
+        # An organism uses one device: at most one GPU, in Ray's 0.0001 resolution (hundredths
+        # would round the share of a population of more than 100 per GPU down to 0, the CPU).
+        gpus = min(1.0, int(10_000 * cluster.get("GPU", 0) / size) / 10_000)
     return {"cpu": float(cpus), "gpu": float(gpus)}
 
 
@@ -218,6 +220,23 @@ def build_tuner(config: run_config.RunConfig, run_dir: Path, resume: bool, print
             verbose=0,
         ),
     )
+
+
+def resume_lost_organisms(config: run_config.RunConfig, run_dir: Path, results, printer=print):
+    """Organisms whose Ray actor was lost (its node died) and that Tune ended as errored are
+    resumed from their last checkpoints once the rest of the run is done, up to ray.max_failures
+    times. Tune restarts a trial whose actor dies, but Ray 2.60's Tune misses a case: when the
+    actor dies while Tune is handing it to a waiting trial (reuse_actors), Tune handles the
+    failure twice, and the second time, finding the trial already queued again, ends it."""
+    from ray.exceptions import RayActorError
+
+    for _ in range(config.ray.max_failures):
+        lost = [result for result in results if isinstance(result.error, RayActorError)]
+        if not lost:
+            break
+        printer(f"resuming {len(lost)} organism(s) whose Ray actor was lost")
+        results = build_tuner(config, run_dir, resume=True, printer=printer).fit()
+    return results
 
 
 def best_organism(results) -> dict | None:
@@ -326,8 +345,12 @@ def main(argv=None) -> int:
               f"(cluster: {ray.cluster_resources().get('CPU', 0):g} CPU, "
               f"{ray.cluster_resources().get('GPU', 0):g} GPU)", flush=True)
         started = time.time()
-        tuner = build_tuner(config, run_dir, resume, printer=lambda line: print(line, flush=True))
-        results = tuner.fit()
+
+        def printer(line: str) -> None:
+            print(line, flush=True)
+
+        results = build_tuner(config, run_dir, resume, printer=printer).fit()
+        results = resume_lost_organisms(config, run_dir, results, printer)
         elapsed = time.time() - started
         from population import report
 

@@ -294,3 +294,4 @@ def test_compose_publishes_on_loopback_only():
         assert port.split(":")[-1] not in ("6379", "10001", "8090"), f"Ray's GCS/client/metrics port published: {port}"
     env = compose["services"]["ray-head"]["environment"]
     assert {"RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST", "RAY_PROMETHEUS_HOST"} <= set(env)
+    assert env["RAY_AUTH_MODE"] == "token", "the compose Ray head must keep token auth"
