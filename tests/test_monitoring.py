@@ -154,7 +154,7 @@ def watched(tmp_path_factory):
             assert line, "population.run ended early:\n" + "".join(output)
             output.append(line)
             if line.startswith("generation   1/") and "actors" not in seen:
-                seen["actors"] = organism_actors(dashboard_port)
+                seen["actors"] = all_organisms_alive(dashboard_port)
                 seen["sockets"] = listening_sockets([run.process.pid, *descendants(run.process.pid)])
             if line.startswith("metrics: keeping the final values"):
                 break
@@ -193,6 +193,17 @@ def organism_actors(dashboard_port: int) -> list[dict]:
         capture_output=True, text=True, timeout=60, env=dict(os.environ, RAY_AUTH_MODE="token"))
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def all_organisms_alive(dashboard_port: int, attempts: int = 15) -> list[dict]:
+    """The alive actors, at a moment when every organism's actor is alive: right after a PBT
+    exploit Tune may be restarting one of them, so look again until all are there."""
+    for _ in range(attempts):
+        actors = organism_actors(dashboard_port)
+        if sum(a["class_name"] == "OrganismTrainable" for a in actors) >= POP:
+            break
+        time.sleep(1)
+    return actors
 
 
 def test_dashboard_json_is_well_formed():
