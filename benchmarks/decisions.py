@@ -367,29 +367,23 @@ def freeze_structure(organism) -> None:
 def learn_rates(organism, env, settings: Settings) -> dict:
     """Decisions/s of ``gsnn.train.live``'s loop (see the module docstring), one timed call per
     rollout, and the time shares of its parts in one further pass of the same length."""
+    from gsnn.train import live
+
     batch, steps = env.num_worlds, organism.config.rollout_length
     hidden = organism.hidden_neurons
     obs = env.reset()
     organism.reset_state(batch)
-    finished: list[float] = []
 
     def run(n: int) -> None:
         nonlocal obs
-        for _ in range(n * steps):
-            actions = organism.learn_act(obs)
-            result = env.step(actions)
-            organism.learn_feedback(result.reward, result.done)
-            if bool(result.done.any()):
-                finished.extend(result.episode_food[result.done].tolist())
-            obs = result.observation
-        organism.finish_rollout()
-        finished.clear()
+        obs, _ = live(organism, env, n * steps, obs)  # the learning loop itself
 
     updates_before = organism.stats.updates
     rate = timed_rate(run, steps * batch, settings)
 
     phases = dict.fromkeys(("learn_act", "env_step", "learn_feedback", "update", "other"), 0.0)
     clock = time.perf_counter
+    finished: list[float] = []
     for _ in range(max(1, rate.units_per_repeat // batch)):
         t0 = clock()
         actions = organism.learn_act(obs)

@@ -160,7 +160,7 @@ def build(data: dict, source: str = "") -> RunConfig:
         raw = dict(data.get(section) or {})
         if section == "pbt":
             raw.pop("mutations", None)
-        settings[section] = _build_section(section, cls, raw)
+        settings[section] = build_section(section, cls, raw)
     organism_raw = data.get("organism") or {}
     if not isinstance(organism_raw, dict):
         raise ConfigError("organism: must be a mapping of organism settings")
@@ -168,6 +168,7 @@ def build(data: dict, source: str = "") -> RunConfig:
     organism_raw = {key: checked[key] for key in organism_raw}  # as converted (e.g. "1e-3" -> 0.001)
     mutations = _build_mutations((data.get("pbt") or {}).get("mutations") or {}, organism_raw)
     _check_resources(settings["resources"])
+    _check_ray(settings["ray"])
     config = RunConfig(
         population=settings["population"], world=settings["world"], organism=dict(organism_raw),
         pbt=settings["pbt"], mutations=mutations, resources=settings["resources"], ray=settings["ray"],
@@ -176,7 +177,8 @@ def build(data: dict, source: str = "") -> RunConfig:
     return config
 
 
-def _build_section(section: str, cls, raw) -> Any:
+def build_section(section: str, cls, raw) -> Any:
+    """One YAML section as the dataclass ``cls``: unknown keys refused, bounded fields checked."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{section}: must be a mapping")
     names = {f.name: f for f in dataclasses.fields(cls)}
@@ -186,11 +188,14 @@ def _build_section(section: str, cls, raw) -> Any:
             raise ConfigError(f"{section}.{key}: unknown setting (known: {', '.join(sorted(names))})")
         bound = names[key].metadata.get("bound")
         values[key] = bound.check(f"{section}.{key}", value) if bound else value
-    if section == "ray" and values.get("dashboard_host", "127.0.0.1") == "":
-        raise ConfigError("ray.dashboard_host: must be a host address such as 127.0.0.1")
-    if section == "ray" and not isinstance(values.get("loopback_only", True), bool):
-        raise ConfigError(f"ray.loopback_only: must be true or false, got {values['loopback_only']!r}")
     return cls(**values)
+
+
+def _check_ray(ray: RaySettings) -> None:
+    if ray.dashboard_host == "":
+        raise ConfigError("ray.dashboard_host: must be a host address such as 127.0.0.1")
+    if not isinstance(ray.loopback_only, bool):
+        raise ConfigError(f"ray.loopback_only: must be true or false, got {ray.loopback_only!r}")
 
 
 def _check_resources(res: ResourceSettings) -> None:

@@ -192,7 +192,7 @@ def build(data: dict, budget: str = "default", budget_overrides: dict | None = N
         if section not in SECTIONS and section not in OTHER_SECTIONS:
             known = sorted(set(SECTIONS) | set(OTHER_SECTIONS))
             raise ConfigError(f"{section}: unknown section (known: {', '.join(known)})")
-    settings = {name: _build_section(name, cls, data.get(name) or {}) for name, cls in SECTIONS.items()}
+    settings = {name: run_config.build_section(name, cls, data.get(name) or {}) for name, cls in SECTIONS.items()}
     e, c = settings["experiment"], settings["continual"]
     e.arms = tuple(_arm_list("experiment.arms", e.arms, ALL_ARMS))
     c.arms = tuple(_arm_list("continual.arms", c.arms, ORGANISM_ARMS, allow_empty=True))
@@ -231,19 +231,6 @@ def build(data: dict, budget: str = "default", budget_overrides: dict | None = N
         except ConfigError as error:
             raise ConfigError(f"pbt: {error}") from None
     return config
-
-
-def _build_section(section: str, cls, raw) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{section}: must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise ConfigError(f"{section}.{key}: unknown setting (known: {', '.join(sorted(fields))})")
-        bound = fields[key].metadata.get("bound")
-        values[key] = bound.check(f"{section}.{key}", value) if bound else value
-    return cls(**values)
 
 
 def _arm_list(where: str, value: Any, known: tuple, allow_empty: bool = False) -> list[str]:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_population import descendants, processes_using
 
 from population import continual, results
 from population.experiment_config import ARM_TITLES
@@ -118,35 +119,6 @@ def test_config_errors_are_one_line_before_ray_starts(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    out, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
-def _processes_using(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 def run_experiment(tmp_path: Path, *args: str, timeout=300) -> tuple[int, str, float]:
     """The real command in a subprocess with its own Ray temp dir; every process it leaves is
     killed by PID."""
@@ -159,9 +131,9 @@ def run_experiment(tmp_path: Path, *args: str, timeout=300) -> tuple[int, str, f
     try:
         out, _ = process.communicate(timeout=timeout)
     finally:
-        pids = set(_processes_using(ray_dir))
+        pids = set(processes_using(ray_dir))
         if process.poll() is None:
-            pids |= {process.pid, *_descendants(process.pid)}
+            pids |= {process.pid, *descendants(process.pid)}
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
