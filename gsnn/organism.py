@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from norse.torch.functional.lif import LIFFeedForwardState
 
 from gsnn import checkpoint, plasticity
 from gsnn.config import OrganismConfig
 from gsnn.energy import decision_energy
-from gsnn.neurons import lif_decision_fast, lif_decision_reference, lif_parameters
+from gsnn.neurons import lif_decision_fast, lif_decision_surrogate, lif_parameters
 
 CHECKPOINT_FORMAT = "gsnn-organism"
 CHECKPOINT_VERSION = 1
@@ -312,9 +311,8 @@ class Organism:
         W_out = self.params["readout_weight"]
         if c.learning_rule == "reinforce":
             x = self.input_current(obs)
-            state = LIFFeedForwardState(v=self.v, i=self.i)
-            counts, state = lif_decision_reference(x, state, self.lif, c.snn_steps, c.dt)
-            self.v, self.i = state.v.detach(), state.i.detach()
+            # Norse's surrogate gradient, one autograd node per decision (gsnn.neurons)
+            counts = lif_decision_surrogate(x, self.v, self.i, self.lif, c.snn_steps, c.dt)
             logits = self._readout(counts)
             self._check_logits(logits)
             log_probs = torch.log_softmax(logits, dim=1)

@@ -6,7 +6,7 @@ from norse.torch.functional.lif import LIFFeedForwardState, lif_feed_forward_ste
 
 from gsnn.config import OrganismConfig
 from gsnn.energy import MAC_JOULES, SYNOP_JOULES, decision_energy
-from gsnn.neurons import lif_decision_fast, lif_decision_reference, lif_parameters
+from gsnn.neurons import lif_decision_fast, lif_decision_reference, lif_decision_surrogate, lif_parameters
 
 
 @pytest.mark.parametrize("v_leak, v_reset", [(0.0, 0.0), (-0.2, 0.0), (0.0, -0.1)])
@@ -68,3 +68,31 @@ def test_decision_energy_hand_computed():
     assert SYNOP_JOULES == 0.9e-12 and MAC_JOULES == 4.6e-12
     silent = decision_energy(0, 0, 64, 450, 4, 10)
     assert silent.synops_per_decision == 0 and silent.energy_per_decision_joules == 0
+
+
+@pytest.mark.parametrize("v_leak, v_reset", [(0.0, 0.0), (-0.2, 0.0), (0.0, -0.1)])
+def test_surrogate_path_matches_autograd_through_norse(v_leak, v_reset):
+    """Counts, state and the input gradient of the one-node surrogate decision equal Norse's
+    steps under autograd, over decisions that carry state."""
+    config = OrganismConfig(v_leak=v_leak, v_reset=v_reset)
+    p = lif_parameters(config)
+    g = torch.Generator().manual_seed(2)
+    B, H, T = 8, 64, config.snn_steps
+    v_ref, i_ref = torch.zeros(B, H), torch.zeros(B, H)
+    v, i = v_ref.clone(), i_ref.clone()
+    spikes = 0
+    for _ in range(8):
+        x_data = torch.rand(B, H, generator=g) * 0.6
+        upstream = torch.randn(B, H, generator=g)
+        x_ref = x_data.clone().requires_grad_()
+        counts_ref, state = lif_decision_reference(x_ref, LIFFeedForwardState(v_ref, i_ref), p, T, config.dt)
+        (counts_ref * upstream).sum().backward()
+        v_ref, i_ref = state.v.detach(), state.i.detach()
+        x = x_data.clone().requires_grad_()
+        counts = lif_decision_surrogate(x, v, i, p, T, config.dt)
+        (counts * upstream).sum().backward()
+        assert torch.equal(counts, counts_ref.detach())
+        torch.testing.assert_close(v, v_ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+        spikes += int(counts.sum())
+    assert spikes > 500 and x.grad.abs().sum() > 0
