@@ -61,7 +61,8 @@ def lif_decision_reference(
 
 @dataclass
 class STDPFactors:
-    """Per-neuron STDP sums over one decision (see ``gsnn.plasticity``), each (B, H).
+    """Per-neuron STDP sums over one decision (see ``gsnn.plasticity``), each (B, H). The
+    definitions, step by step (``lif_decision_fast`` computes them as weighted spike sums):
 
     potentiation: sum over steps of (pre trace scale at the step) x (post spike at the step)
     depression:   sum over steps of the post trace before the step (pre spikes every step)
@@ -98,9 +99,14 @@ def lif_decision_fast(
     scratch = torch.empty_like(x)
     factors = None
     if trace_decay is not None:
-        factors = STDPFactors(torch.zeros_like(x), torch.zeros_like(x))
-        post_trace = torch.zeros_like(x)
-        pre_scale = 0.0
+        # Both STDP factors are spike sums with fixed weights per step s (0-based): the pre trace
+        # a post spike meets, w_s = sum_{j<=s} d^j, and the post trace that the pre spikes of
+        # later steps meet, c_s = sum_{j<T-1-s} d^j. With spike = 1 - keep, sum_s w_s spike_s =
+        # sum_s w_s - sum_s w_s keep_s: two accumulations per step, no traces.
+        powers = [trace_decay**j for j in range(steps)]
+        pre_weights = [sum(powers[: s + 1]) for s in range(steps)]
+        post_weights = [sum(powers[: steps - 1 - s]) for s in range(steps)]
+        potentiation_kept, depression_kept = torch.zeros_like(x), torch.zeros_like(x)
     for step in range(steps):
         i.add_(x)  # i_new = i + x
         if v_leak == 0.0:
@@ -118,12 +124,12 @@ def lif_decision_fast(
         if v_reset != 0.0:
             v.add_(torch.sub(1.0, keep).mul_(v_reset))
         kept.add_(keep)
-        if factors is not None:
-            spikes = torch.sub(1.0, keep)
-            pre_scale = trace_decay * pre_scale + 1.0
-            factors.depression.add_(post_trace)
-            factors.potentiation.add_(spikes, alpha=pre_scale)
-            post_trace.mul_(trace_decay).add_(spikes)
+        if trace_decay is not None:
+            potentiation_kept.add_(keep, alpha=pre_weights[step])
+            depression_kept.add_(keep, alpha=post_weights[step])
+    if trace_decay is not None:
+        factors = STDPFactors(torch.sub(sum(pre_weights), potentiation_kept, out=potentiation_kept),
+                              torch.sub(sum(post_weights), depression_kept, out=depression_kept))
     counts = torch.sub(float(steps), kept, out=kept)
     return counts, factors
 
