@@ -65,6 +65,8 @@ class Prometheus:
                 sd["refresh_interval"] = "1s"
             for static in job.get("static_configs", []):
                 static["targets"] = [t.replace(":8090", f":{metrics_port}") for t in static["targets"]]
+            for relabel in job.get("relabel_configs", []):
+                relabel["regex"] = relabel["regex"].replace(":8090", f":{metrics_port}")
         (self.dir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -89,6 +91,11 @@ class Prometheus:
             body = json.load(response)
         assert body["status"] == "success", body
         return body["data"]["result"]
+
+    def targets(self) -> list[tuple]:
+        with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=10) as response:
+            active = json.load(response)["data"]["activeTargets"]
+        return [(t["labels"].get("job"), t["scrapeUrl"], t["health"], t["lastError"]) for t in active]
 
     def instant(self, expr: str, at: float) -> list[dict]:
         return self.api("query", query=expr, time=f"{at:.3f}")
@@ -138,7 +145,7 @@ def watched(tmp_path_factory):
     run = Run(tmp_path_factory.mktemp("watched"))
     metrics_port, dashboard_port = free_port(), free_port()
     prometheus = Prometheus(run.ray_dir, metrics_port)
-    seen = {}
+    seen, watcher = {}, None
     try:
         started = time.time()
         run.start("--pop", str(POP), "--generations", str(GENERATIONS), "--output", str(run.run_dir), *TINY,
@@ -153,13 +160,17 @@ def watched(tmp_path_factory):
             line = run.process.stdout.readline()
             assert line, "population.run ended early:\n" + "".join(output)
             output.append(line)
-            if line.startswith("generation   1/") and "actors" not in seen:
-                seen["actors"] = all_organisms_alive(dashboard_port)
+            if line.startswith("resources per organism"):  # Ray and its dashboard are up
+                watcher = watch_actors(dashboard_port)
+            if line.startswith("generation   1/") and "sockets" not in seen:
                 seen["sockets"] = listening_sockets([run.process.pid, *descendants(run.process.pid)])
             if line.startswith("metrics: keeping the final values"):
                 break
         else:
             raise AssertionError("the run did not finish in time:\n" + "".join(output))
+        out, err = watcher.communicate(timeout=150)
+        assert watcher.returncode == 0, err
+        seen["actors"] = json.loads(out)
         rows = list(csv.DictReader(open(run.run_dir / "generations.csv")))
         trials = sorted({r["trial_id"] for r in rows})
         # Wait until Prometheus has scraped every organism's final generation.
@@ -169,8 +180,8 @@ def watched(tmp_path_factory):
             final = prometheus.instant(f"max by (trial_id) (ray_gsnn_generation) == {GENERATIONS}", now)
             if sorted(s["metric"]["trial_id"] for s in final) == trials:
                 break
-            assert now < deadline, (f"final generation not scraped: "
-                                    f"{prometheus.instant('ray_gsnn_generation', now)}\n" + "".join(output))
+            assert now < deadline, (f"final generation not scraped: {prometheus.instant('ray_gsnn_generation', now)}\n"
+                                    f"targets: {prometheus.targets()}\n" + "".join(output))
             time.sleep(1)
         run.process.send_signal(signal.SIGINT)  # Ctrl-C ends the linger; the run still exits cleanly
         rest, _ = run.process.communicate(timeout=60)
@@ -179,31 +190,37 @@ def watched(tmp_path_factory):
         yield {"prometheus": prometheus, "start": started, "final": now, "trials": trials, "rows": rows,
                "summary": json.loads((run.run_dir / "summary.json").read_text()), "output": "".join(output), **seen}
     finally:
+        if watcher is not None and watcher.poll() is None:
+            watcher.kill()
         run.kill_everything()
         prometheus.stop()
 
 
-def organism_actors(dashboard_port: int) -> list[dict]:
-    """Alive actors from Ray's state API (what the dashboard shows), through `ray list actors` as a
-    user runs it, with the run's token (~/.ray/auth_token in the HOME shared with the run)."""
-    ray_cli = Path(sys.executable).with_name("ray")
-    out = subprocess.run(
-        [str(ray_cli), "list", "actors", "--address", f"http://127.0.0.1:{dashboard_port}",
-         "--filter", "state=ALIVE", "--detail", "--format", "json", "--limit", "1000"],
-        capture_output=True, text=True, timeout=60, env=dict(os.environ, RAY_AUTH_MODE="token"))
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+# Watches Ray's state API (what the dashboard shows) in its own process, as a user's script would,
+# with the run's token (~/.ray/auth_token in the HOME shared with the run; the auth mode is read
+# when ray is imported). Prints the alive actors the first time every organism's actor is alive.
+WATCH_ACTORS = """
+import json, sys, time
+from ray.util.state import list_actors
+address, organisms, deadline = sys.argv[1], int(sys.argv[2]), time.time() + float(sys.argv[3])
+actors = []
+while time.time() < deadline:
+    try:
+        actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True,
+                             raise_on_missing_output=False)
+    except Exception:  # the dashboard may still be starting
+        actors = []
+    if sum(a.class_name == "OrganismTrainable" for a in actors) >= organisms:
+        break
+    time.sleep(0.2)
+print(json.dumps([{k: getattr(a, k) for k in ("actor_id", "class_name", "state", "pid")} for a in actors]))
+"""
 
 
-def all_organisms_alive(dashboard_port: int, attempts: int = 15) -> list[dict]:
-    """The alive actors, at a moment when every organism's actor is alive: right after a PBT
-    exploit Tune may be restarting one of them, so look again until all are there."""
-    for _ in range(attempts):
-        actors = organism_actors(dashboard_port)
-        if sum(a["class_name"] == "OrganismTrainable" for a in actors) >= POP:
-            break
-        time.sleep(1)
-    return actors
+def watch_actors(dashboard_port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", WATCH_ACTORS, f"http://127.0.0.1:{dashboard_port}", str(POP), "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, RAY_AUTH_MODE="token"))
 
 
 def test_dashboard_json_is_well_formed():
@@ -262,6 +279,10 @@ def test_metric_values_agree_with_summary(watched):
         return {s["metric"]["trial_id"]: float(s["value"][1])
                 for s in prometheus.instant(f"max by (trial_id) (ray_{name})", at)}
 
+    # The shipped config scrapes each exporter once (under one job), so every organism is one series.
+    copies = {s["metric"]["trial_id"]: float(s["value"][1])
+              for s in prometheus.instant("count by (trial_id) (ray_gsnn_fitness)", at)}
+    assert copies == {t: 1.0 for t in last}, copies
     fitness, hidden = per_organism("gsnn_fitness"), per_organism("gsnn_hidden_neurons")
     assert fitness == pytest.approx({t: float(r["fitness"]) for t, r in last.items()})
     assert hidden == {t: float(r["hidden_neurons"]) for t, r in last.items()}
@@ -276,7 +297,6 @@ def test_metric_values_agree_with_summary(watched):
     assert population("gsnn_population_mean_fitness") == pytest.approx(final["mean_fitness"])
     assert population("gsnn_population_hidden_neurons") == pytest.approx(final["total_hidden_neurons"])
     # Counters add up this run's events: pruning and exploits did happen, and agree with the CSV.
-    # (The shipped config scrapes Ray under two jobs; like the panels, count each organism once.)
     assert sum(per_organism("gsnn_neurons_removed_total").values()) > 0
     # Every exploit is counted; a CSV row can be replaced when an exploit replays a generation.
     exploits = sum(per_organism("gsnn_exploits_total").values())
