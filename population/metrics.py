@@ -13,7 +13,6 @@ names; ``tests/test_monitoring.py`` evaluates every panel against a real Prometh
 from __future__ import annotations
 
 import math
-import time
 
 from ray import tune
 from ray.util.metrics import Counter, Gauge
@@ -76,7 +75,6 @@ class PopulationMetrics(tune.Callback):
         self._population = {name: Gauge(name, description=desc, tag_keys=("run",))
                             for name, desc in POPULATION_GAUGES.items()}
         self._latest: dict[str, dict] = {}  # trial id -> its latest result
-        self.last_update = 0.0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.record(trial.trial_id, result)
@@ -102,4 +100,3 @@ class PopulationMetrics(tune.Callback):
             self._population["gsnn_population_mean_fitness"].set(sum(fitness) / len(fitness), tags=tags)
         self._population["gsnn_population_hidden_neurons"].set(sum(hidden), tags=tags)
         self._population["gsnn_population_organisms"].set(len(self._latest), tags=tags)
-        self.last_update = time.time()
