@@ -5,7 +5,10 @@ batch of worlds at once. Per decision: the input current is computed once from t
 observation, the hidden layer runs ``snn_steps`` Norse LIF steps with it, and the action logits
 are the hidden spike counts through a linear readout (``logits = counts @ W_out + b_out``). The
 LIF state (membrane potential, synaptic current) of each world carries over from one decision to
-the next and is detached between decisions, so learning never backpropagates through an episode.
+the next and is not differentiated through between decisions, so learning never backpropagates
+through an episode. The loops of a decision and of an update are ``gsnn.kernels`` (C on the CPU,
+torch ops on a GPU); REINFORCE's gradient is written out (``gsnn.plasticity``), so no autograd
+graph is ever built.
 
 Growth and pruning are checked at the end of a learning rollout, once at least ``grow_interval``
 (``prune_interval``) decision steps have passed since the last check: prune first (neurons whose
@@ -24,13 +27,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from gsnn import checkpoint, plasticity
+from gsnn import checkpoint, kernels, plasticity
+from gsnn.adam import Adam
 from gsnn.config import OrganismConfig
 from gsnn.energy import decision_energy
-from gsnn.neurons import lif_decision_fast, lif_decision_surrogate, lif_parameters
+from gsnn.neurons import lif_constants, stdp_step_weights
 
 CHECKPOINT_FORMAT = "gsnn-organism"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the optimizer section is gsnn.adam.Adam's (1 was torch.optim.Adam's)
 
 # Parameter name -> the axis that indexes hidden neurons (None: no neuron axis).
 NEURON_AXIS = {"input_weight": 1, "hidden_bias": 0, "readout_weight": 0, "readout_bias": None}
@@ -53,7 +57,12 @@ class Stats:
 
 
 class EnergyMeter:
-    """Averages ``gsnn.energy.decision_energy`` over many decisions of many worlds."""
+    """Averages ``gsnn.energy.decision_energy`` over many decisions of many worlds.
+
+    At a fixed hidden size every quantity of ``decision_energy`` is affine in the active inputs
+    and hidden spikes of a decision, so the mean of the energies is the energy of the means: the
+    meter keeps, per hidden size, the worlds' decisions and the sums of active inputs and spikes
+    (on a GPU as device tensors, read only by ``report``). Its size never grows with time."""
 
     def __init__(self, config: OrganismConfig):
         self.config = config
@@ -61,39 +70,35 @@ class EnergyMeter:
 
     def reset(self):
         self.world_decisions = 0
-        self._sums: dict[str, float] = {}
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+        self._totals: dict[int, list] = {}  # hidden -> [world decisions, active inputs, hidden spikes]
 
-    def add(self, active_inputs: torch.Tensor, hidden_spikes: torch.Tensor, worlds: int, hidden: int):
-        # Kept as device tensors until read (or until 256 are waiting), so the hot path rarely
-        # waits on a GPU and the list never grows without bound.
-        self._pending.append((active_inputs.detach(), hidden_spikes.detach(), worlds, hidden))
-        if len(self._pending) >= 256:
-            self._flush()
-
-    def _flush(self):
-        c = self.config
-        for active, spikes, worlds, hidden in self._pending:
-            energy = decision_energy(
-                float(active) / worlds, float(spikes) / worlds, hidden, c.n_inputs, c.n_actions, c.snn_steps
-            )
-            per_decision = dict(
-                energy.as_dict(),
-                active_inputs_per_decision=float(active) / worlds,
-                hidden_spikes_per_decision=float(spikes) / worlds,
-                hidden_neurons=float(hidden),
-            )
-            for key, value in per_decision.items():
-                self._sums[key] = self._sums.get(key, 0.0) + value * worlds
-            self.world_decisions += worlds
-        self._pending.clear()
+    def add(self, active_inputs, hidden_spikes, worlds: int, hidden: int):
+        """One decision of ``worlds`` worlds: their summed active inputs and hidden spikes
+        (Python floats or 0-dim tensors)."""
+        if isinstance(active_inputs, torch.Tensor):
+            active_inputs, hidden_spikes = active_inputs.detach().double(), hidden_spikes.detach().double()
+        totals = self._totals.get(hidden)
+        if totals is None:
+            self._totals[hidden] = [worlds, active_inputs, hidden_spikes]
+        else:
+            totals[0] += worlds
+            totals[1] = totals[1] + active_inputs
+            totals[2] = totals[2] + hidden_spikes
+        self.world_decisions += worlds
 
     def report(self) -> dict[str, float]:
         """Means per decision of one world since the last reset (empty dict if none)."""
-        self._flush()
         if not self.world_decisions:
             return {}
-        return {key: total / self.world_decisions for key, total in self._sums.items()}
+        c, sums = self.config, {}
+        for hidden, (worlds, active, spikes) in self._totals.items():
+            active, spikes = float(active) / worlds, float(spikes) / worlds
+            energy = decision_energy(active, spikes, hidden, c.n_inputs, c.n_actions, c.snn_steps)
+            per_decision = dict(energy.as_dict(), active_inputs_per_decision=active,
+                                hidden_spikes_per_decision=spikes, hidden_neurons=float(hidden))
+            for key, value in per_decision.items():
+                sums[key] = sums.get(key, 0.0) + value * worlds
+        return {key: total / self.world_decisions for key, total in sums.items()}
 
 
 class Organism:
@@ -102,15 +107,12 @@ class Organism:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.config.seed)
-        self.lif = lif_parameters(self.config, self.device)
+        self._adopt_neuron_settings()
         H = self.config.init_hidden
-        self.params = {
-            name: torch.nn.Parameter(tensor) for name, tensor in self._newborn_params(H).items()
-        }
-        self.params["readout_bias"] = torch.nn.Parameter(
-            torch.zeros(self.config.n_actions, device=self.device)
-        )
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=self.config.learning_rate)
+        self.params = self._newborn_params(H)
+        self.params["readout_bias"] = torch.zeros(self.config.n_actions, device=self.device)
+        self.optimizer = Adam(self.params, lr=self.config.learning_rate)
+        self._workspace = kernels.Workspace()
         self.rate_ema = torch.zeros(H, device=self.device)
         self.birth_step = torch.zeros(H, dtype=torch.long, device=self.device)
         self.last_grow_check = 0
@@ -135,19 +137,25 @@ class Organism:
             "readout_weight": torch.randn(n, c.n_actions, generator=g, device=dev) * c.readout_weight_std,
         }
 
+    def _adopt_neuron_settings(self) -> None:
+        """The LIF constants and STDP step weights of the current config."""
+        c = self.config
+        self.lif = lif_constants(c)
+        self._stdp_weights = stdp_step_weights(c.stdp_trace_decay, c.snn_steps)
+
     def _resize(self, transform) -> None:
         """Apply ``transform(tensor, axis)`` to every per-neuron tensor: parameters, Adam moments,
         rate statistics and LIF state. Nothing else about them changes."""
-        for name, param in self.params.items():
+        for name in list(self.params):
             axis = NEURON_AXIS[name]
             if axis is None:
                 continue
-            state = self.optimizer.state.get(param, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key] = transform(state[key], axis, name, moment=True)
-            param.data = transform(param.data, axis, name, moment=False)
-            param.grad = None
+            moments = self.optimizer.moments(name)
+            if moments:
+                self.optimizer.set_moments(
+                    name, *(transform(moments[key], axis, name, moment=True) for key in ("exp_avg", "exp_avg_sq"))
+                )
+            self.params[name] = transform(self.params[name], axis, name, moment=False)
         self.rate_ema = transform(self.rate_ema, 0, "rate_ema", moment=False)
         self.birth_step = transform(self.birth_step, 0, "birth_step", moment=False)
         if self.v is not None:
@@ -247,101 +255,65 @@ class Organism:
             self.reset_state(batch_size)
 
     # -- deciding --------------------------------------------------------------------------------
-    def input_current(self, obs: torch.Tensor) -> torch.Tensor:
-        """(B, n_inputs) observation -> (B, H) input current, once per decision. On the CPU the
-        observation's sparsity is used (only active cells are summed); elsewhere a dense matmul."""
-        W, b = self.params["input_weight"], self.params["hidden_bias"]
-        if obs.device.type != "cpu":
-            return torch.addmm(b, obs, W)
-        rows, cols = torch.nonzero(obs, as_tuple=True)
-        offsets = torch.zeros(obs.shape[0], dtype=torch.long, device=obs.device)
-        offsets[1:] = torch.bincount(rows, minlength=obs.shape[0]).cumsum(0)[:-1]
-        x = F.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=obs[rows, cols])
-        return x + b
-
     def _flatten(self, obs: torch.Tensor) -> torch.Tensor:
         obs = obs.to(self.device).reshape(obs.shape[0], -1)
         if obs.shape[1] != self.config.n_inputs:
             raise ValueError(f"observation has {obs.shape[1]} values per world, expected {self.config.n_inputs}")
         return obs
 
-    def _active_inputs(self, obs: torch.Tensor) -> torch.Tensor:
-        """Sum of the observation (the energy estimate needs it); NaN or Inf anywhere shows here."""
-        active = obs.sum()
-        if not bool(torch.isfinite(active)):
-            raise NonFiniteError(f"observation holds NaN or Inf at decision step {self.stats.decision_steps}")
-        return active
-
-    def _readout(self, counts: torch.Tensor) -> torch.Tensor:
-        """Action logits = counts @ W_out + b_out. (F.linear with a contiguous (A, H) weight is
-        about 4x faster on the CPU than addmm with the (H, A) parameter.)"""
-        W_out = self.params["readout_weight"]
-        return F.linear(counts, W_out.T.contiguous(), self.params["readout_bias"])
-
-    def _check_logits(self, logits: torch.Tensor) -> None:
-        if not bool(torch.isfinite(logits).all()):
-            raise NonFiniteError(
-                f"action logits are not finite at decision step {self.stats.decision_steps}"
+    def _decide(self, obs: torch.Tensor, greedy: bool = False, keep_inputs: bool = False,
+                stdp: bool = False) -> kernels.Decision:
+        """One decision of every world (``gsnn.kernels.decide``), with the readout; NaN or Inf
+        in the observation or the logits raise ``NonFiniteError``."""
+        self._ensure_state(obs.shape[0])
+        p = self.params
+        try:
+            decision = kernels.decide(
+                obs, p["input_weight"], p["hidden_bias"], self.lif, self.v, self.i, self.config.snn_steps,
+                readout=(p["readout_weight"], p["readout_bias"]), greedy=greedy, keep_inputs=keep_inputs,
+                stdp_weights=self._stdp_weights if stdp else None, workspace=self._workspace,
             )
+        except kernels.NonFiniteObservation:
+            raise NonFiniteError(
+                f"observation holds NaN or Inf at decision step {self.stats.decision_steps}"
+            ) from None
+        if not decision.logits_finite:
+            raise NonFiniteError(f"action logits are not finite at decision step {self.stats.decision_steps}")
+        self.energy.add(decision.obs_sum, decision.spikes, obs.shape[0], self.hidden_neurons)
+        return decision
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actions drawn from softmax(logits) with the organism's own stream, and the probabilities."""
         probs = torch.softmax(logits, dim=1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1), probs
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, greedy: bool = True) -> torch.Tensor:
         """Decide for every world without learning (fast path). greedy: argmax, else sample."""
-        obs = self._flatten(obs)
-        active = self._active_inputs(obs)
-        self._ensure_state(obs.shape[0])
-        x = self.input_current(obs)
-        c = self.config
-        counts, _ = lif_decision_fast(x, self.v, self.i, self.lif, c.snn_steps, c.dt)
-        logits = self._readout(counts)
-        self._check_logits(logits)
-        self.energy.add(active, counts.sum(), obs.shape[0], self.hidden_neurons)
-        return logits.argmax(dim=1) if greedy else self._sample(logits)
+        decision = self._decide(self._flatten(obs), greedy=greedy)
+        return decision.actions if greedy else self._sample(decision.logits)[0]
 
+    @torch.no_grad()
     def learn_act(self, obs: torch.Tensor) -> torch.Tensor:
         """Decide (sampling) and remember what the learning rule needs for this decision."""
         obs = self._flatten(obs)
-        active = self._active_inputs(obs)
-        self._ensure_state(obs.shape[0])
         c = self.config
-        W_out = self.params["readout_weight"]
         if c.learning_rule == "reinforce":
-            x = self.input_current(obs)
-            # Norse's surrogate gradient, one autograd node per decision (gsnn.neurons)
-            counts = lif_decision_surrogate(x, self.v, self.i, self.lif, c.snn_steps, c.dt)
-            logits = self._readout(counts)
-            self._check_logits(logits)
-            log_probs = torch.log_softmax(logits, dim=1)
-            actions = torch.multinomial(log_probs.detach().exp(), 1, generator=self.generator).squeeze(1)
-            self._rollout.append({
-                "log_prob": log_probs.gather(1, actions.unsqueeze(1)).squeeze(1),
-                "entropy": -(log_probs.exp() * log_probs).sum(1),
-            })
-            counts = counts.detach()
+            d = self._decide(obs, keep_inputs=True)
+            actions, _ = self._sample(d.logits)
+            self._rollout.append({"obs": obs, "x": d.x, "v0": d.v0, "i0": d.i0, "counts": d.counts,
+                                  "logits": d.logits, "actions": actions})
         else:
-            with torch.no_grad():
-                x = self.input_current(obs)
-                counts, factors = lif_decision_fast(
-                    x, self.v, self.i, self.lif, c.snn_steps, c.dt, trace_decay=c.stdp_trace_decay
-                )
-                logits = self._readout(counts)
-                self._check_logits(logits)
-                probs = torch.softmax(logits, dim=1)
-                actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
-                action_post = F.one_hot(actions, c.n_actions).to(probs.dtype) - probs
-                feedback = action_post @ W_out.T
-                stdp = plasticity.stdp_post_factor(factors.potentiation, factors.depression, c.stdp_depression)
-                self._rollout.append({
-                    "obs": obs, "hidden_post": stdp * feedback, "counts": counts, "action_post": action_post,
-                })
-        with torch.no_grad():
-            alpha = 1.0 / c.rate_window
-            self.rate_ema.mul_(1 - alpha).add_(counts.mean(0) / c.snn_steps, alpha=alpha)
-        self.energy.add(active, counts.sum(), obs.shape[0], self.hidden_neurons)
+            d = self._decide(obs, stdp=True)
+            actions, probs = self._sample(d.logits)
+            action_post = F.one_hot(actions, c.n_actions).to(probs.dtype) - probs
+            feedback = action_post @ self.params["readout_weight"].T
+            stdp = plasticity.stdp_post_factor(d.potentiation, d.depression, c.stdp_depression)
+            self._rollout.append({
+                "obs": obs, "hidden_post": stdp * feedback, "counts": d.counts, "action_post": action_post,
+            })
+        alpha = 1.0 / c.rate_window
+        self.rate_ema.mul_(1 - alpha).add_(d.counts.mean(0), alpha=alpha / c.snn_steps)
         return actions
 
     def learn_feedback(self, reward: torch.Tensor, done: torch.Tensor) -> bool:
@@ -359,37 +331,31 @@ class Organism:
         return True
 
     # -- learning ----------------------------------------------------------------------------------
+    @torch.no_grad()
     def _update(self) -> None:
         c, rollout = self.config, self._rollout
         rewards = torch.stack([s["reward"] for s in rollout])
         dones = torch.stack([s["done"] for s in rollout])
         adv = plasticity.advantages(plasticity.discounted_returns(rewards, dones, c.discount))
-        self.optimizer.zero_grad(set_to_none=True)
+        stacked = lambda key: torch.stack([s[key] for s in rollout])  # noqa: E731
         if c.learning_rule == "reinforce":
-            loss = plasticity.reinforce_loss(
-                torch.stack([s["log_prob"] for s in rollout]),
-                torch.stack([s["entropy"] for s in rollout]),
-                adv, c.entropy_coef,
+            grads = plasticity.reinforce_gradients(
+                stacked("obs"), stacked("x"), stacked("v0"), stacked("i0"), stacked("counts"), stacked("logits"),
+                stacked("actions"), adv, c.entropy_coef, self.params["readout_weight"], self.lif, c.snn_steps,
             )
-            loss.backward()
         else:
-            directions = plasticity.rstdp_directions(
-                torch.stack([s["obs"] for s in rollout]),
-                torch.stack([s["hidden_post"] for s in rollout]),
-                torch.stack([s["counts"] for s in rollout]),
-                torch.stack([s["action_post"] for s in rollout]),
-                adv,
+            grads = plasticity.rstdp_directions(
+                stacked("obs"), stacked("hidden_post"), stacked("counts"), stacked("action_post"), adv,
             )
-            for name, direction in directions.items():
-                self.params[name].grad = direction
         self._rollout = []
-        self._apply_gradients()
+        self._apply_gradients(grads)
 
-    def _apply_gradients(self) -> None:
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
+    def _apply_gradients(self, grads: dict[str, torch.Tensor]) -> None:
+        """Clip the update to ``grad_clip`` (global norm, as torch.nn.utils.clip_grad_norm_) and
+        take an Adam step; a non-finite update is skipped and counted (see the config)."""
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
+        total = torch.linalg.vector_norm(norms)
+        if not bool(torch.isfinite(total)):
             self.stats.nonfinite_updates_skipped += 1
             self._consecutive_nonfinite += 1
             if self._consecutive_nonfinite > self.config.max_nonfinite_updates:
@@ -400,8 +366,8 @@ class Organism:
                 )
             return
         self._consecutive_nonfinite = 0
-        torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.config.grad_clip)
-        self.optimizer.step()
+        scale = torch.clamp(self.config.grad_clip / (total + 1e-6), max=1.0)
+        self.optimizer.step({name: g.mul_(scale) for name, g in grads.items()})
         self.stats.updates += 1
         for name, param in self.params.items():
             if not bool(torch.isfinite(param).all()):
@@ -421,10 +387,9 @@ class Organism:
         """Adopt new settings (PBT's mutations) without touching shape, weights or statistics:
         neuron parameters, learning rate and everything read from the config take effect now."""
         self.config = config.validate()
-        self.lif = lif_parameters(config, self.device)
+        self._adopt_neuron_settings()
         self.energy.config = config
-        for group in self.optimizer.param_groups:
-            group["lr"] = config.learning_rate
+        self.optimizer.lr = config.learning_rate
 
     def finish_rollout(self) -> bool:
         """Learn from a partly filled rollout now (the end of a lifetime or generation), so no
@@ -447,7 +412,7 @@ class Organism:
             "config": self.config.to_dict(),
             "hidden_neurons": self.hidden_neurons,
             "params": {name: cpu(p) for name, p in self.params.items()},
-            "optimizer": _tensors_to_cpu(self.optimizer.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
             "rate_ema": cpu(self.rate_ema),
             "birth_step": cpu(self.birth_step),
             "last_grow_check": self.last_grow_check,
@@ -467,11 +432,9 @@ class Organism:
         config = OrganismConfig.from_dict(state["config"], where="checkpoint config: ")
         H = int(state["hidden_neurons"])
         self.config = config
-        self.lif = lif_parameters(config, self.device)
+        self._adopt_neuron_settings()
         for name, tensor in state["params"].items():
-            self.params[name].data = tensor.to(self.device).clone()
-            self.params[name].grad = None
-        self.optimizer.state.clear()
+            self.params[name] = tensor.to(self.device).clone()
         self.optimizer.load_state_dict(state["optimizer"])
         self.rate_ema = state["rate_ema"].to(self.device).clone()
         self.birth_step = state["birth_step"].to(self.device).clone()
@@ -511,16 +474,6 @@ class Organism:
         return organism
 
 
-def _tensors_to_cpu(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu").clone()
-    if isinstance(value, dict):
-        return {k: _tensors_to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_tensors_to_cpu(v) for v in value)
-    return value
-
-
 def _validate_state(state: dict) -> None:
     """Refuse a state that would half-load: wrong format, missing parts, inconsistent shapes,
     or values that are not finite."""
@@ -555,12 +508,18 @@ def _validate_state(state: dict) -> None:
             fail(f"{name} has shape {getattr(tensor, 'shape', None)}, expected {shape}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             fail(f"{name} holds NaN or Inf")
-    opt_state = state["optimizer"].get("state", {})
-    for index, name in enumerate(NEURON_AXIS):
-        for key in ("exp_avg", "exp_avg_sq"):
-            moment = opt_state.get(index, {}).get(key)
-            if moment is not None and tuple(moment.shape) != expected[name]:
-                fail(f"optimizer {key} of {name} has shape {tuple(moment.shape)}, expected {expected[name]}")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, dict) or not {"lr", "betas", "eps", "steps", "exp_avg", "exp_avg_sq"} <= set(optimizer):
+        fail("the optimizer section is incomplete")
+    for key in ("exp_avg", "exp_avg_sq"):
+        if set(optimizer[key]) - set(NEURON_AXIS):
+            fail(f"optimizer {key} has unknown parameters {sorted(set(optimizer[key]) - set(NEURON_AXIS))}")
+        for name, moment in optimizer[key].items():
+            want = expected.get(name, (A,))
+            if not isinstance(moment, torch.Tensor) or tuple(moment.shape) != want:
+                fail(f"optimizer {key} of {name} has shape {tuple(getattr(moment, 'shape', ()))}, expected {want}")
+            if not bool(torch.isfinite(moment).all()):
+                fail(f"optimizer {key} of {name} holds NaN or Inf")
     lif_state = state["lif_state"]
     if lif_state is not None:
         for key in ("v", "i"):

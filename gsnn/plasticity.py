@@ -1,9 +1,16 @@
-"""Learning rules as pure functions: returns and advantages, the REINFORCE loss, and the
-reward-modulated STDP update.
+"""Learning rules as pure functions: returns and advantages, the REINFORCE loss and its
+gradient, and the reward-modulated STDP update.
 
 Both rules turn a rollout of ``L`` decisions of ``B`` worlds into per-parameter update directions
 that the organism hands to one Adam optimizer, so growth and pruning treat the optimizer's
 moments the same way whichever rule is in use.
+
+REINFORCE's gradient is written out rather than taken by autograd (``reinforce_gradients``): the
+policy's logit gradient in closed form, then back through the readout, through the T LIF steps
+of every decision by Norse's SuperSpike surrogate (``gsnn.kernels.surrogate_backward``, the
+forward recomputed from the state each decision started from), and into the input weights of
+the active inputs only (``gsnn.kernels.sparse_outer``). ``tests/test_kernels.py`` checks it
+against autograd through Norse's steps and ``reinforce_loss``.
 
 Reward-modulated STDP (three factors, no gradients). Within a decision each active input spikes
 at every SNN step; with pre- and post-synaptic traces decaying by ``lambda`` per step,
@@ -24,6 +31,9 @@ rollout instead of once per step, so no per-world trace tensor is ever stored.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from gsnn import kernels
 
 
 def discounted_returns(rewards: torch.Tensor, dones: torch.Tensor, discount: float) -> torch.Tensor:
@@ -55,6 +65,51 @@ def reinforce_loss(
     return -(adv.detach() * log_probs).mean() - entropy_coef * entropies.mean()
 
 
+def policy_logit_gradient(logits: torch.Tensor, actions: torch.Tensor, adv: torch.Tensor,
+                          entropy_coef: float) -> torch.Tensor:
+    """d reinforce_loss / d logits, (L, B, A), for a softmax policy: with pi = softmax(logits)
+    and entropy H = -sum pi log pi, per decision
+        d(-A log pi_a)/dz = -A (onehot(a) - pi),   d(-c H)/dz = c pi (log pi + H),
+    both averaged over the L * B decisions as the loss is."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1, keepdim=True)
+    onehot = F.one_hot(actions, logits.shape[-1]).to(logits.dtype)
+    policy = -adv.unsqueeze(-1) * (onehot - probs)
+    return (policy + entropy_coef * probs * (log_probs + entropy)) / adv.numel()
+
+
+def reinforce_gradients(
+    observations: torch.Tensor,  # (L, B, N)
+    x: torch.Tensor,  # (L, B, H)  input current of each decision
+    v0: torch.Tensor,  # (L, B, H)  LIF state each decision started from
+    i0: torch.Tensor,  # (L, B, H)
+    counts: torch.Tensor,  # (L, B, H)  hidden spike counts
+    logits: torch.Tensor,  # (L, B, A)
+    actions: torch.Tensor,  # (L, B)
+    adv: torch.Tensor,  # (L, B)
+    entropy_coef: float,
+    readout_weight: torch.Tensor,  # (H, A)
+    lif,  # gsnn.neurons.LIFConstants
+    steps: int,
+) -> dict[str, torch.Tensor]:
+    """The gradient of ``reinforce_loss`` with respect to each parameter (see the module
+    docstring); the LIF state is not differentiated between decisions."""
+    L, B, A = logits.shape
+    rows = L * B
+    g_logits = policy_logit_gradient(logits, actions, adv, entropy_coef).reshape(rows, A)
+    counts = counts.reshape(rows, -1)
+    g_counts = g_logits @ readout_weight.T
+    gx = kernels.surrogate_backward(x.reshape(rows, -1), v0.reshape(rows, -1), i0.reshape(rows, -1), g_counts,
+                                    lif, steps)
+    return {
+        "input_weight": kernels.sparse_outer(observations.reshape(rows, -1), gx),
+        "hidden_bias": gx.sum(0),
+        "readout_weight": counts.T @ g_logits,
+        "readout_bias": g_logits.sum(0),
+    }
+
+
 def stdp_post_factor(potentiation: torch.Tensor, depression: torch.Tensor, depression_ratio: float) -> torch.Tensor:
     return potentiation - depression_ratio * depression
 
@@ -73,7 +128,7 @@ def rstdp_directions(
     hidden_mod = (hidden_post * weight).reshape(L * B, -1)
     action_mod = (action_post * weight).reshape(L * B, -1)
     return {
-        "input_weight": -(observations.reshape(L * B, -1).T @ hidden_mod) / n,
+        "input_weight": kernels.sparse_outer(observations.reshape(L * B, -1), hidden_mod).div_(-n),
         "hidden_bias": -hidden_mod.sum(0) / n,
         "readout_weight": -(counts.reshape(L * B, -1).T @ action_mod) / n,
         "readout_bias": -action_mod.sum(0) / n,
