@@ -124,7 +124,7 @@ AGREEMENT_CASES = [
 
 
 @pytest.mark.parametrize("kwargs,season", AGREEMENT_CASES)
-def test_gym_and_batched_agree(kwargs, season):
+def test_gym_and_batched_agree(kwargs, season, backend):
     B, T = 12, 200
     rng = np.random.default_rng(1234 + (season or 0))
     agents, foods = random_states(rng, B)
@@ -162,7 +162,7 @@ def test_gym_and_batched_agree(kwargs, season):
         assert bumps_total >= 5
 
 
-def test_gym_and_batched_agree_dense_food_with_extreme_draws():
+def test_gym_and_batched_agree_dense_food_with_extreme_draws(backend):
     """Many eats per step and the extreme draws 0 and 2**bits - 1 exercise every spawn branch."""
     B, T, n_food = 8, 150, 120
     rng = np.random.default_rng(7)
@@ -224,7 +224,28 @@ def _batched_rollout(env: BatchedForagingGrid, steps: int = 60) -> np.ndarray:
     return torch.stack(frames).numpy()
 
 
-def test_batched_seeding():
+def test_batched_paths_give_the_same_worlds_from_the_same_seed():
+    """C and torch steps draw the same numbers from the same generator: the same seed gives the
+    same observations, rewards and episode ends on either path (auto-resets included)."""
+    from gsnn import native
+
+    kwargs = dict(n_food=12, max_steps=40, wall_penalty=0.2, season=3)
+    native_env = BatchedForagingGrid(16, seed=8, **kwargs)
+    with native.torch_only():
+        torch_env = BatchedForagingGrid(16, seed=8, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(130):
+        actions = torch.randint(0, rules.N_ACTIONS, (16,), generator=gen)
+        a = native_env.step(actions)
+        with native.torch_only():
+            b = torch_env.step(actions)
+        for field in ("observation", "reward", "done", "food_eaten", "episode_food"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert x.dtype == y.dtype and torch.equal(x, y), field
+    assert int(native_env.episode_food.sum()) > 0
+
+
+def test_batched_seeding(backend):
     kwargs = dict(n_food=40, max_steps=25)  # includes auto-resets
     a = _batched_rollout(BatchedForagingGrid(6, seed=11, **kwargs))
     b = _batched_rollout(BatchedForagingGrid(6, seed=11, **kwargs))
@@ -288,7 +309,7 @@ def test_egocentric_walls_at_corner():
 
 
 @pytest.mark.parametrize("walls", WALLS)
-def test_egocentric_every_agent_position(walls):
+def test_egocentric_every_agent_position(walls, backend):
     rng = np.random.default_rng(3)
     cells = [(r, c) for r in range(SIZE) for c in range(SIZE)]
     B = len(cells)
@@ -327,7 +348,7 @@ def test_allocentric_observation():
 
 # -- 5. rules -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("wall_penalty", [0.0, 0.5])
-def test_boundary_keeps_position_and_costs_wall_penalty(wall_penalty):
+def test_boundary_keeps_position_and_costs_wall_penalty(wall_penalty, backend):
     food = np.zeros((SIZE, SIZE), dtype=bool)
     food[SIZE - 1, SIZE - 1] = True
     last = SIZE - 1
@@ -363,7 +384,7 @@ def test_moves_follow_action_deltas():
     assert batched.agent.tolist() == [[4, 5], [6, 5], [5, 4], [5, 6]]
 
 
-def test_eating_food_reward_and_respawn():
+def test_eating_food_reward_and_respawn(backend):
     rng = np.random.default_rng(8)
     for trial in range(20):
         agents, foods = random_states(rng, 1)
@@ -396,7 +417,7 @@ def test_eating_food_reward_and_respawn():
 
 
 @pytest.mark.parametrize("season", [None, 0, 2])
-def test_respawn_never_on_agent_or_existing_food(season):
+def test_respawn_never_on_agent_or_existing_food(season, backend):
     """Dense food makes collisions likely if the spawn rule ever picked an occupied cell."""
     B, T, n_food = 64, 120, 180
     env = BatchedForagingGrid(B, n_food=n_food, max_steps=BIG, season=season, seed=21)
@@ -458,7 +479,7 @@ def test_gym_truncates_at_max_steps():
     assert env.steps == 0 and env.food_eaten == 0
 
 
-def test_batched_auto_reset_at_max_steps():
+def test_batched_auto_reset_at_max_steps(backend):
     B, max_steps, n_food = 16, 9, 100
     env = BatchedForagingGrid(B, n_food=n_food, max_steps=max_steps, seed=4)
     # Stagger the worlds: world b has already taken b % max_steps steps.
@@ -499,16 +520,19 @@ def test_set_state_copies_steps():
     assert steps.tolist() == [3, 5]  # the caller's tensor is left alone
 
 
-def test_batched_step_rejects_bad_actions_and_draws():
+def test_batched_step_rejects_bad_actions_and_draws(backend):
     env = BatchedForagingGrid(2, seed=0)
+    before = (env.agent.clone(), env.food.clone(), env.steps.clone())
     for bad in (torch.tensor([0, 4]), torch.tensor([-1, 0]), torch.tensor([0.0, 1.0]), torch.tensor([0, 1, 2])):
         with pytest.raises(ValueError, match="actions"):
             env.step(bad)
     with pytest.raises(ValueError, match="spawn_draws"):
         env.step(torch.tensor([0, 0]), spawn_draws=torch.tensor([0, 1 << 24]))
+    # Refused before any world moved.
+    assert all(torch.equal(a, b) for a, b in zip(before, (env.agent, env.food, env.steps)))
 
 
-def test_batched_auto_reset_only_touches_finished_worlds():
+def test_batched_auto_reset_only_touches_finished_worlds(backend):
     B = 4
     env = BatchedForagingGrid(B, max_steps=5, seed=0)
     agents = torch.tensor([[1, 1], [2, 2], [3, 3], [4, 4]])
