@@ -7,12 +7,19 @@ decisions. Each rate also records its CPU share (thread CPU
 time / wall time): on a shared machine, a share below ~0.95 means other processes took the core
 and the wall-clock figures of that run understate the code (the table then prints a warning).
 
+Every ratio compares rates timed SIDE BY SIDE: the runs being compared take their repeats in
+turns (``interleaved``: A B C A B C ...) and the ratio is the median over repeats of the
+per-repeat ratio. The development machine's speed drifts by up to 2x from minute to minute (a
+shared host; the CPU share stays at 1.00, so it is not another process of ours), and rates timed
+one after the other would mostly measure that drift.
+
 What is measured
 ----------------
 organism_eval
     ``gsnn.organism.Organism.act(obs, greedy=True)`` deciding for a ``BatchedForagingGrid``
     (egocentric observations, 450 inputs) at hidden sizes 64, 256, 512, 1024 and batch sizes 64
-    and 256. Two rates per (H, B):
+    and 256, timed side by side with the naive reference and a matrix product of the same hidden
+    size. Two rates per (H, B):
 
     - ``full_loop``: decide + ``env.step`` + ``reset_worlds`` + next observation, the loop of
       ``gsnn.train.evaluate``;
@@ -26,25 +33,27 @@ naive_reference
     recomputing the dense input current ``torch.nn.Linear(450, H)`` from the 450-vector; readout
     ``torch.nn.Linear(H, 4)`` on the spike counts; argmax. The headline rate runs under
     ``torch.no_grad()`` (which only helps it); the same loop with autograd on (state detached
-    between decisions) is reported beside it. A fixed number of decisions is timed after a
-    warm-up.
+    between decisions) is reported beside it. Calibrated and timed like the organism's runs,
+    in turn with them.
 
 env_step
     ``BatchedForagingGrid.step`` alone with pre-drawn random actions, per batch size: the ceiling
     that the full loop can never exceed whatever the organism costs.
 
 ratios
-    ``organism_eval`` (batch 256, full loop) / ``naive_reference`` at the same H.
+    ``organism_eval`` (batch 256, full loop) / ``naive_reference`` at the same H, per repeat.
     TARGET: >= 300x at H = 512.
 
-dense_matmul
-    This core's float32 matrix-multiply rate (GFLOP/s; medians of 256x450 @ 450x512 and
-    1024x1024 @ 1024x1024), the faster of the two taken as the "matrix rate". The *dense bound*
-    at hidden size H is matrix rate / dense FLOPs per decision, with
+dense_matmul, matmul_beside
+    This core's float32 matrix-multiply rate: ``dense_matmul`` times 256x450 @ 450x512 and
+    1024x1024 @ 1024x1024 on their own (for the record); ``matmul_beside`` times 256x450 @
+    450x512 beside the organism at every H, and that is the matrix rate the ratios use. The
+    *dense bound* at hidden size H is matrix rate / dense FLOPs per decision, with
     dense FLOPs per decision = 2 * (450 * H + T * H * 4): the input projection once plus the
     readout on every SNN step, i.e. what a dense implementation must at least do, ignoring the
     LIF arithmetic itself. ``organism_eval / dense_bound`` > 1 means the organism decides faster
     than any dense implementation could (it uses the observation's sparsity and reads out once).
+    TARGET: >= 1.0 at H = 512, full loop.
 
 organism_learning
     Decisions/s while learning, per learning rule (``reinforce``, ``rstdp``), at hidden sizes
@@ -57,9 +66,9 @@ organism_learning
     of ``live``; it has nothing left to learn there). The organism's structure is held fixed:
     ``grow_threshold = prune_threshold = 0`` (no rate is below 0), so ``structural_step`` still
     runs its checks but never grows or prunes; the size is checked after timing. Beside each
-    (H, B), evaluation's full loop (as ``organism_eval``'s ``full_loop``) is timed again, for an
-    organism of the same configuration in worlds of the same batch and seed, and
-    ``learning_over_eval`` = learning / evaluation decisions/s. ``time_shares``
+    (H, B), evaluation's full loop (as ``organism_eval``'s ``full_loop``) is timed in turn with
+    the learners, for an organism of the same configuration in worlds of the same batch and seed,
+    and ``learning_over_eval`` = learning / evaluation decisions/s, per repeat. ``time_shares``
     splits one further (untimed for the headline) pass into ``learn_act``, ``env_step``,
     ``learn_feedback`` (steps without an update), ``update`` (steps with one: backward or R-STDP
     directions, clip, Adam, finiteness checks, ``structural_step``) and ``other`` (the loop's
@@ -69,16 +78,18 @@ organism_learning
 pruning
     Cost against active size. One organism is born at 64 neurons and really grows to 512 through
     its own learning loop (``live`` with ``grow_threshold = 1``, ``grow_interval = 1``, 64
-    neurons per growth), then its structure is frozen (thresholds 0) and timed: evaluation
-    (full loop and organism only, at the largest eval batch) and learning (its rule, REINFORCE,
-    in its own 16 worlds). Then the same organism is pruned to 128 by its own prune path (one
-    more rollout of ``live`` with ``prune_threshold = 1``, ``prune_grace = 0``,
+    neurons per growth). A copy of it (loaded from its state) is pruned to 128 by its own prune
+    path (one more rollout of ``live`` with ``prune_threshold = 1``, ``prune_grace = 0``,
     ``min_hidden = 128``, growth checks off: ``structural_step`` removes the 384 quietest
-    neurons through ``Organism.prune``), frozen again and timed the same way. ``speedup`` =
-    rate at 128 / rate at 512. TARGET: >= 2.5x per decision, on the evaluation full loop.
+    neurons through ``Organism.prune``). Both, their structure frozen (thresholds 0), are timed
+    side by side: evaluation (full loop and organism only, at the largest eval batch) and
+    learning (their rule, REINFORCE, in their own 16 worlds). ``speedup`` = rate at 128 / rate
+    at 512, per repeat. TARGET: >= 2.5x per decision of the organism (``organism_only``; the
+    world's step, the same for both, is in the full loop and bounds its speed-up).
 
 memory
-    Peak RSS of a fresh Python subprocess that imports torch, norse, gsnn and envs, builds one
+    Peak RSS of a fresh Python subprocess that imports torch, gsnn and envs (what an organism
+    actor imports besides Ray; Norse is imported only for the reference path), builds one
     organism at hidden 1024 (structure fixed), runs ``gsnn.train.live`` for
     ``memory_learn_steps`` decision steps in 16 worlds on one torch thread, evaluates it greedily
     on 32 worlds for one episode and saves a checkpoint: one generation of an organism actor's
@@ -179,6 +190,17 @@ class Rate:
     cpu_share: float
     repeats: int
     units_per_repeat: int  # decisions (or multiplications) per timed repeat
+    rates: list[float] = field(default_factory=list)  # each repeat's rate, in order (see interleaved)
+
+
+def _rate_of(walls: list[float], cpus: list[float], units: int) -> Rate:
+    rates = [units / wall for wall in walls]
+    return Rate(
+        median=statistics.median(rates), low=min(rates), high=max(rates),
+        cpu_median=statistics.median(units / max(cpu, 1e-9) for cpu in cpus),
+        cpu_share=statistics.median(cpu / wall for cpu, wall in zip(cpus, walls)),
+        repeats=len(walls), units_per_repeat=units, rates=rates,
+    )
 
 
 def repeat_timed(run: Callable[[], None], units: int, repeats: int) -> Rate:
@@ -189,13 +211,41 @@ def repeat_timed(run: Callable[[], None], units: int, repeats: int) -> Rate:
         run()
         cpus.append(time.thread_time() - cpu0)
         walls.append(time.perf_counter() - wall0)
-    rates = [units / wall for wall in walls]
-    return Rate(
-        median=statistics.median(rates), low=min(rates), high=max(rates),
-        cpu_median=statistics.median(units / max(cpu, 1e-9) for cpu in cpus),
-        cpu_share=statistics.median(cpu / wall for cpu, wall in zip(cpus, walls)),
-        repeats=repeats, units_per_repeat=units,
-    )
+    return _rate_of(walls, cpus, units)
+
+
+def interleaved(runs: dict[str, tuple[Callable[[int], None], int]], settings: "Settings",
+                repeats: int | None = None) -> dict[str, Rate]:
+    """Rates of several runs measured side by side: ``runs`` maps a name to ``(run, units)``
+    where ``run(n)`` does n calls of ``units`` units each. Each run is warmed up and calibrated
+    (n calls last about ``repeat_seconds``), then the repeats are taken in turns (A B C A B C
+    ...), so a machine whose speed drifts (a shared host: this one's rates move by 2x from
+    minute to minute) slows every run alike, and ``ratio`` compares them repeat by repeat."""
+    calibrated = {}
+    for name, (run, units) in runs.items():
+        run(1)
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < settings.warmup_seconds or calls < 2:
+            run(1)
+            calls += 1
+        per_call = (time.perf_counter() - start) / calls
+        calibrated[name] = (run, max(1, round(settings.repeat_seconds / per_call)), units)
+    walls = {name: [] for name in runs}
+    cpus = {name: [] for name in runs}
+    for _ in range(repeats or settings.repeats):
+        for name, (run, n, _) in calibrated.items():
+            wall0, cpu0 = time.perf_counter(), time.thread_time()
+            run(n)
+            cpus[name].append(time.thread_time() - cpu0)
+            walls[name].append(time.perf_counter() - wall0)
+    return {name: _rate_of(walls[name], cpus[name], n * units) for name, (_, n, units) in calibrated.items()}
+
+
+def ratio(a: Rate | dict, b: Rate | dict) -> float:
+    """The median over repeats of a's rate / b's rate in the same repeat (``interleaved``)."""
+    a_rates = a.rates if isinstance(a, Rate) else a["rates"]
+    b_rates = b.rates if isinstance(b, Rate) else b["rates"]
+    return statistics.median(x / y for x, y in zip(a_rates, b_rates))
 
 
 def timed_rate(run: Callable[[int], None], units_per_call: int, settings: Settings) -> Rate:
@@ -211,7 +261,7 @@ def timed_rate(run: Callable[[int], None], units_per_call: int, settings: Settin
     return repeat_timed(lambda: run(n), n * units_per_call, settings.repeats)
 
 
-# -- 1. the organism evaluating---------------------------------------------------------------------------
+# -- 1. the organism evaluating, 3. the naive reference, 4. the dense matrix rate ------------------
 def make_organism(hidden: int):
     from gsnn.config import OrganismConfig
     from gsnn.organism import Organism
@@ -220,20 +270,19 @@ def make_organism(hidden: int):
     return Organism(config)
 
 
-def measure_organism(hidden: int, batch: int, settings: Settings, seed: int = 0) -> dict:
-    """``full_loop`` and ``organism_only`` decisions/s of Organism.act for B worlds."""
-    from envs import BatchedForagingGrid
-
-    rates = eval_rates(make_organism(hidden), BatchedForagingGrid(batch, seed=seed), settings)
-    return {"hidden": hidden, "batch": batch, **rates}
-
-
-def eval_rates(organism, env, settings: Settings, organism_only: bool = True) -> dict:
-    """Evaluation decisions/s of ``organism`` in ``env``: ``full_loop`` and (if asked)
-    ``organism_only`` with ``active_inputs_per_decision``. The organism's LIF state is reset."""
+def eval_runs(organism, env, settings: Settings, prefix: str = "") -> tuple[dict, float]:
+    """Runners (see ``interleaved``) of ``organism`` evaluating in ``env``: ``full_loop`` (decide,
+    step, reset finished worlds: ``gsnn.train.evaluate``'s loop) and ``organism_only`` (``act``
+    alone on a fixed set of observation batches from worlds driven by the organism itself), and
+    the mean active inputs of those observations. The organism's LIF state is reset."""
     batch = env.num_worlds
     obs = env.reset()
     organism.reset_state(batch)
+    stored = []
+    for _ in range(settings.observation_batches):
+        stored.append(obs.clone())
+        obs = env.step(organism.act(obs, greedy=True)).observation
+    position = 0
 
     def full_loop(n: int) -> None:
         nonlocal obs
@@ -241,18 +290,7 @@ def eval_rates(organism, env, settings: Settings, organism_only: bool = True) ->
             result = env.step(organism.act(obs, greedy=True))
             organism.reset_worlds(result.done)
             obs = result.observation
-        organism.energy.reset()  # the meter only queues tensors; keep the queue short
-
-    full = timed_rate(full_loop, batch, settings)
-    if not organism_only:
-        return {"full_loop": asdict(full)}
-
-    # A fixed set of realistic observation batches, from worlds driven by the organism itself.
-    stored = []
-    for _ in range(settings.observation_batches):
-        stored.append(obs.clone())
-        obs = env.step(organism.act(obs, greedy=True)).observation
-    position = 0
+        organism.energy.reset()
 
     def organism_only(n: int) -> None:
         nonlocal position
@@ -261,12 +299,10 @@ def eval_rates(organism, env, settings: Settings, organism_only: bool = True) ->
             position = (position + 1) % len(stored)
         organism.energy.reset()
 
-    only = timed_rate(organism_only, batch, settings)
     active = float(torch.stack(stored).reshape(-1, N_INPUTS).count_nonzero(dim=1).float().mean())
-    return {"full_loop": asdict(full), "organism_only": asdict(only), "active_inputs_per_decision": active}
+    return {prefix + "full_loop": (full_loop, batch), prefix + "organism_only": (organism_only, batch)}, active
 
 
-# -- 3. the naive reference ------------------------------------------------------------------------
 @dataclass
 class NaiveAgent:
     """The prototype's decision: dense input every SNN step, Norse LIFCell, readout on counts."""
@@ -295,36 +331,62 @@ class NaiveAgent:
         return int(self.readout(counts).argmax(dim=1))
 
 
-def measure_naive(hidden: int, settings: Settings, seed: int = 0) -> dict:
-    """Headline: under ``torch.no_grad()``. Also reported: the same loop with autograd on (as a
-    plain nn.Module prototype would run it), the LIF state detached between decisions."""
+def naive_run(hidden: int, grad: bool = False, seed: int = 0) -> Callable[[int], None]:
+    """``run(n)``: n naive decisions, each followed by a gymnasium env step; under
+    ``torch.no_grad()`` unless ``grad`` (then the state is detached between decisions, as a
+    plain nn.Module prototype would run it)."""
     from envs import ForagingGrid
 
     agent = NaiveAgent(hidden, seed)
     env = ForagingGrid()
     observation, _ = env.reset(seed=seed)
 
-    def run(n: int, detach: bool) -> None:
+    def run(n: int) -> None:
         nonlocal observation
-        for _ in range(n):
-            observation, _, terminated, truncated, _ = env.step(agent.decide(observation))
-            if detach:
-                agent.state = type(agent.state)(*(t.detach() for t in agent.state))
-            if terminated or truncated:
-                observation, _ = env.reset()
-                agent.state = None
-
-    def rate(grad: bool) -> Rate:
         with torch.set_grad_enabled(grad):
-            run(20, grad)
-            start = time.perf_counter()
-            while time.perf_counter() - start < settings.warmup_seconds:
-                run(10, grad)
-            return repeat_timed(lambda: run(settings.naive_decisions, grad), settings.naive_decisions,
-                                settings.naive_repeats)
+            for _ in range(n):
+                observation, _, terminated, truncated, _ = env.step(agent.decide(observation))
+                if grad:
+                    agent.state = type(agent.state)(*(t.detach() for t in agent.state))
+                if terminated or truncated:
+                    observation, _ = env.reset()
+                    agent.state = None
 
-    return {"hidden": hidden, "batch": 1, "decisions_per_s": asdict(rate(False)),
-            "decisions_per_s_autograd": asdict(rate(True))}
+    return run
+
+
+def matmul_run(m: int, k: int, n: int) -> Callable[[int], None]:
+    a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)
+
+    def run(calls: int) -> None:
+        for _ in range(calls):
+            torch.mm(a, b, out=out)
+
+    return run
+
+
+def measure_size(hidden: int, settings: Settings, seed: int = 0) -> dict:
+    """At one hidden size, side by side (``interleaved``): the organism's ``full_loop`` and
+    ``organism_only`` at every batch size, the naive reference (no_grad, the headline) and this
+    core's 256x450 @ 450x512 matrix rate; the naive loop with autograd on is timed after them."""
+    from envs import BatchedForagingGrid
+
+    runs, active = {}, {}
+    for batch in settings.batch_sizes:
+        batch_runs, active[batch] = eval_runs(make_organism(hidden), BatchedForagingGrid(batch, seed=seed), settings,
+                                              prefix=f"B{batch}_")
+        runs.update(batch_runs)
+    runs["naive"] = (naive_run(hidden, seed=seed), 1)
+    runs["matmul"] = (matmul_run(*MATMUL_SHAPE), 1)
+    rates = interleaved(runs, settings)
+    autograd = interleaved({"naive_autograd": (naive_run(hidden, grad=True, seed=seed), 1)}, settings,
+                           repeats=settings.naive_repeats)["naive_autograd"]
+    evals = [{"hidden": hidden, "batch": batch, "full_loop": asdict(rates[f"B{batch}_full_loop"]),
+              "organism_only": asdict(rates[f"B{batch}_organism_only"]), "active_inputs_per_decision": active[batch]}
+             for batch in settings.batch_sizes]
+    naive = {"hidden": hidden, "batch": 1, "decisions_per_s": asdict(rates["naive"]),
+             "decisions_per_s_autograd": asdict(autograd)}
+    return {"organism_eval": evals, "naive_reference": naive, "matmul": asdict(rates["matmul"])}
 
 
 # -- the env alone (the ceiling of the full loop) --------------------------------------------------
@@ -364,27 +426,33 @@ def freeze_structure(organism) -> None:
                                 grow_threshold=0.0, prune_threshold=0.0))
 
 
-def learn_rates(organism, env, settings: Settings) -> dict:
-    """Decisions/s of ``gsnn.train.live``'s loop (see the module docstring), one timed call per
-    rollout, and the time shares of its parts in one further pass of the same length."""
+def learn_run(organism, env) -> tuple[Callable[[int], None], int]:
+    """A runner of ``gsnn.train.live``'s loop: one call = one whole rollout (so the update is
+    always inside the timed region), ``finish_rollout`` included as at the end of ``live``."""
     from gsnn.train import live
 
-    batch, steps = env.num_worlds, organism.config.rollout_length
-    hidden = organism.hidden_neurons
+    steps = organism.config.rollout_length
     obs = env.reset()
-    organism.reset_state(batch)
+    organism.reset_state(env.num_worlds)
 
     def run(n: int) -> None:
         nonlocal obs
-        obs, _ = live(organism, env, n * steps, obs)  # the learning loop itself
+        obs, _ = live(organism, env, n * steps, obs)
 
-    updates_before = organism.stats.updates
-    rate = timed_rate(run, steps * batch, settings)
+    return run, steps * env.num_worlds
 
+
+def learn_details(organism, env, decisions: int) -> dict:
+    """Where learning time goes: one further (untimed for the headline) pass of about
+    ``decisions`` decisions split into learn_act, env_step, learn_feedback, update, other."""
+    batch = env.num_worlds
+    hidden, updates_before = organism.hidden_neurons, organism.stats.updates
+    obs = env.reset()
+    organism.reset_state(batch)
     phases = dict.fromkeys(("learn_act", "env_step", "learn_feedback", "update", "other"), 0.0)
     clock = time.perf_counter
     finished: list[float] = []
-    for _ in range(max(1, rate.units_per_repeat // batch)):
+    for _ in range(max(organism.config.rollout_length, decisions // batch)):
         t0 = clock()
         actions = organism.learn_act(obs)
         t1 = clock()
@@ -404,34 +472,42 @@ def learn_rates(organism, env, settings: Settings) -> dict:
     if organism.hidden_neurons != hidden:
         raise RuntimeError(f"the organism changed size while timed: {hidden} -> {organism.hidden_neurons}")
     total = sum(phases.values())
-    return {"decisions_per_s": asdict(rate), "time_shares": {k: v / total for k, v in phases.items()},
-            "updates": organism.stats.updates - updates_before, "nonfinite_updates_skipped":
-            organism.stats.nonfinite_updates_skipped}
+    return {"time_shares": {k: v / total for k, v in phases.items()},
+            "updates": organism.stats.updates - updates_before,
+            "nonfinite_updates_skipped": organism.stats.nonfinite_updates_skipped}
 
 
 def measure_learning(hidden: int, batch: int, settings: Settings, seed: int = 0) -> dict:
-    """Per rule: learning decisions/s at (H, B), and evaluation's full loop at the same (H, B)."""
+    """Per rule, side by side with evaluation's full loop at the same (H, B): learning
+    decisions/s and ``learning_over_eval`` (the median over repeats of the two rates' ratio)."""
     from envs import BatchedForagingGrid
     from gsnn.organism import Organism
 
-    evaluation = eval_rates(Organism(fixed_size_config(hidden, seed=seed)),
-                            BatchedForagingGrid(batch, seed=seed), settings, organism_only=False)["full_loop"]
-    rules = {}
+    runs = {"eval": eval_runs(Organism(fixed_size_config(hidden, seed=seed)), BatchedForagingGrid(batch, seed=seed),
+                              settings)[0]["full_loop"]}
+    learners = {}
     for rule in settings.learning_rules:
         organism = Organism(fixed_size_config(hidden, learning_rule=rule, seed=seed))
-        measured = learn_rates(organism, BatchedForagingGrid(batch, seed=seed), settings)
-        measured["learning_over_eval"] = measured["decisions_per_s"]["median"] / evaluation["median"]
+        env = BatchedForagingGrid(batch, seed=seed)
+        learners[rule] = (organism, env)
+        runs[rule] = learn_run(organism, env)
+    rates = interleaved(runs, settings)
+    rules = {}
+    for rule, (organism, env) in learners.items():
+        measured = {"decisions_per_s": asdict(rates[rule]), **learn_details(organism, env, rates[rule].units_per_repeat),
+                    "learning_over_eval": ratio(rates[rule], rates["eval"])}
         if hidden == 512 and rule in TARGET_LEARNING_OVER_EVAL:
             measured["target_learning_over_eval"] = TARGET_LEARNING_OVER_EVAL[rule]
             measured["meets_target"] = measured["learning_over_eval"] >= TARGET_LEARNING_OVER_EVAL[rule]
         rules[rule] = measured
-    return {"hidden": hidden, "batch": batch, "eval_full_loop": evaluation, "rules": rules}
+    return {"hidden": hidden, "batch": batch, "eval_full_loop": asdict(rates["eval"]), "rules": rules}
 
 
 # -- 5. cost against active size: an organism grown, then pruned -----------------------------------
 def measure_pruning(settings: Settings, seed: int = 0) -> dict:
-    """One organism grows to ``prune_from`` through its own learning, is timed, is pruned to
-    ``prune_to`` through its own prune path, and is timed again (see the module docstring)."""
+    """One organism grows to ``prune_from`` through its own learning; a copy of it (loaded from
+    its state) is pruned to ``prune_to`` through its own prune path; both are then timed side by
+    side (see the module docstring)."""
     from envs import BatchedForagingGrid
     from gsnn.config import OrganismConfig
     from gsnn.organism import Organism
@@ -441,53 +517,56 @@ def measure_pruning(settings: Settings, seed: int = 0) -> dict:
     start = min(64, small)
     config = OrganismConfig(init_hidden=start, min_hidden=min(32, start), max_hidden=big, grow_threshold=1.0,
                             grow_interval=1, neurons_per_grow=64, prune_threshold=0.0, seed=seed)
-    organism = Organism(config)
+    grown = Organism(config)
     env = BatchedForagingGrid(settings.prune_learn_batch, seed=seed)
-    eval_env = BatchedForagingGrid(max(settings.batch_sizes), seed=seed)
     steps, obs = config.rollout_length, None
     for _ in range(4 * big // config.neurons_per_grow + 4):  # one growth per rollout, while rate < 1
-        if organism.hidden_neurons >= big:
+        if grown.hidden_neurons >= big:
             break
-        obs, _ = live(organism, env, steps, obs)
-    if organism.hidden_neurons != big:
-        raise RuntimeError(f"the organism grew to {organism.hidden_neurons}, not {big}")
-    grown = {"grow_events": organism.stats.grow_events, "neurons_added": organism.stats.neurons_added,
-             "learning_steps": organism.stats.decision_steps}
-
-    def timed() -> dict:
-        freeze_structure(organism)
-        H = organism.hidden_neurons
-        out = {"hidden": H, **eval_rates(organism, eval_env, settings)}
-        out["learning"] = learn_rates(organism, env, settings)
-        out["learning"]["batch"] = env.num_worlds
-        out["learning"]["rule"] = organism.config.learning_rule
-        if organism.hidden_neurons != H:
-            raise RuntimeError("the organism changed size while timed")
-        return out
-
-    at_big = timed()
+        obs, _ = live(grown, env, steps, obs)
+    if grown.hidden_neurons != big:
+        raise RuntimeError(f"the organism grew to {grown.hidden_neurons}, not {big}")
+    growth = {"grow_events": grown.stats.grow_events, "neurons_added": grown.stats.neurons_added,
+              "learning_steps": grown.stats.decision_steps}
+    pruned = Organism(config)
+    pruned.load_state_dict(grown.state_dict())
     # Prune through the organism's own path: every neuron is a candidate (rate < 1), none is in
     # its grace period, the quietest go first down to min_hidden; growth checks are off.
-    organism.set_config(replace(organism.config, init_hidden=small, min_hidden=small, max_hidden=big,
-                                grow_threshold=1.0, prune_threshold=1.0, prune_interval=1, prune_grace=0,
-                                grow_interval=10**9))
-    before = organism.stats.prune_events
-    obs, _ = live(organism, env, steps, None)
-    if organism.hidden_neurons != small or organism.stats.prune_events != before + 1:
-        raise RuntimeError(f"pruning left {organism.hidden_neurons} neurons, expected {small}")
-    at_small = timed()
+    pruned.set_config(replace(pruned.config, init_hidden=small, min_hidden=small, max_hidden=big,
+                              grow_threshold=1.0, prune_threshold=1.0, prune_interval=1, prune_grace=0,
+                              grow_interval=10**9))
+    before = pruned.stats.prune_events
+    live(pruned, BatchedForagingGrid(settings.prune_learn_batch, seed=seed + 1), steps)
+    if pruned.hidden_neurons != small or pruned.stats.prune_events != before + 1:
+        raise RuntimeError(f"pruning left {pruned.hidden_neurons} neurons, expected {small}")
 
-    speedup = {
-        "full_loop": at_small["full_loop"]["median"] / at_big["full_loop"]["median"],
-        "organism_only": at_small["organism_only"]["median"] / at_big["organism_only"]["median"],
-        "learning": (at_small["learning"]["decisions_per_s"]["median"]
-                     / at_big["learning"]["decisions_per_s"]["median"]),
-    }
+    runs, active, learn_envs = {}, {}, {}
+    eval_batch = max(settings.batch_sizes)
+    for name, organism in (("big", grown), ("small", pruned)):
+        freeze_structure(organism)
+        side_runs, active[name] = eval_runs(organism, BatchedForagingGrid(eval_batch, seed=seed), settings,
+                                            prefix=f"{name}_")
+        runs.update(side_runs)
+        learn_envs[name] = BatchedForagingGrid(settings.prune_learn_batch, seed=seed)
+        runs[f"{name}_learning"] = learn_run(organism, learn_envs[name])
+    rates = interleaved(runs, settings)
+    sides = {}
+    for name, organism in (("big", grown), ("small", pruned)):
+        learning = {"decisions_per_s": asdict(rates[f"{name}_learning"]), "batch": settings.prune_learn_batch,
+                    "rule": organism.config.learning_rule}
+        if organism.hidden_neurons != (big if name == "big" else small):
+            raise RuntimeError("the organism changed size while timed")
+        sides[name] = {"hidden": organism.hidden_neurons, "full_loop": asdict(rates[f"{name}_full_loop"]),
+                       "organism_only": asdict(rates[f"{name}_organism_only"]),
+                       "active_inputs_per_decision": active[name], "learning": learning}
+    speedup = {part: ratio(rates[f"small_{part}"], rates[f"big_{part}"])
+               for part in ("full_loop", "organism_only", "learning")}
     return {
-        "grown_from": start, "grown": grown, "pruned_from": big, "pruned_to": small,
-        "neurons_removed": organism.stats.neurons_removed, "eval_batch": eval_env.num_worlds,
-        "before_pruning": at_big, "after_pruning": at_small, "speedup": speedup,
-        "target_speedup": TARGET_PRUNED_SPEEDUP, "meets_target": speedup["full_loop"] >= TARGET_PRUNED_SPEEDUP,
+        "grown_from": start, "grown": growth, "pruned_from": big, "pruned_to": small,
+        "neurons_removed": pruned.stats.neurons_removed, "eval_batch": eval_batch,
+        "before_pruning": sides["big"], "after_pruning": sides["small"], "speedup": speedup,
+        "target_speedup": TARGET_PRUNED_SPEEDUP,
+        "meets_target": speedup["organism_only"] >= TARGET_PRUNED_SPEEDUP,
     }
 
 
@@ -520,8 +599,6 @@ def memory_child(rule: str, hidden: int, worlds: int, eval_worlds: int, learn_st
         return status("VmRSS") or 0
 
     torch.set_num_threads(1)
-    import norse.torch  # noqa: F401
-
     from gsnn.organism import Organism
     from gsnn.train import WorldConfig, evaluate, live
 
@@ -535,8 +612,8 @@ def memory_child(rule: str, hidden: int, worlds: int, eval_worlds: int, learn_st
     with tempfile.TemporaryDirectory() as folder:
         organism.save(Path(folder) / "organism.ckpt")
     tensors = sum(p.numel() * p.element_size() for p in organism.params.values())
-    tensors += sum(t.numel() * t.element_size() for state in organism.optimizer.state.values()
-                   for t in state.values() if isinstance(t, torch.Tensor))
+    tensors += sum(t.numel() * t.element_size() for moments in (organism.optimizer.exp_avg,
+                   organism.optimizer.exp_avg_sq) for t in moments.values())
     return {
         "peak_source": "VmHWM" if status("VmHWM") is not None else "ru_maxrss",
         "rss_after_imports_bytes": imports["peak"], "rss_current_after_imports_bytes": imports["current"],
@@ -590,6 +667,9 @@ def measure_matmul(settings: Settings) -> dict:
     return {"shapes": results, "matrix_gflops": best}
 
 
+MATMUL_SHAPE = (256, 450, 512)  # the shape timed beside the organism at every hidden size
+
+
 def dense_flops_per_decision(hidden: int) -> int:
     return 2 * (N_INPUTS * hidden + T_STEPS * hidden * N_ACTIONS)
 
@@ -617,19 +697,17 @@ def run_all(settings: Settings, log: Callable[[str], None] = print) -> dict:
     }
     log("dense matmul ...")
     report["dense_matmul"] = measure_matmul(settings)
-    report["organism_eval"] = []
+    report["organism_eval"], report["naive_reference"], report["matmul_beside"] = [], [], {}
     for hidden in settings.hidden_sizes:
-        for batch in settings.batch_sizes:
-            log(f"organism H={hidden} B={batch} ...")
-            report["organism_eval"].append(measure_organism(hidden, batch, settings))
+        log(f"organism H={hidden} (B={', '.join(map(str, settings.batch_sizes))}) beside naive and matmul ...")
+        measured = measure_size(hidden, settings)
+        report["organism_eval"] += measured["organism_eval"]
+        report["naive_reference"].append(measured["naive_reference"])
+        report["matmul_beside"][str(hidden)] = measured["matmul"]
     report["env_step"] = []
     for batch in settings.batch_sizes:
         log(f"env B={batch} ...")
         report["env_step"].append(measure_env(batch, settings))
-    report["naive_reference"] = []
-    for hidden in settings.hidden_sizes:
-        log(f"naive H={hidden} ...")
-        report["naive_reference"].append(measure_naive(hidden, settings))
     report["organism_learning"] = []
     for hidden in settings.learn_hidden_sizes:
         for batch in settings.learn_batch_sizes:
@@ -649,28 +727,34 @@ def run_all(settings: Settings, log: Callable[[str], None] = print) -> dict:
 
 
 def ratios(report: dict) -> list[dict]:
-    """Per hidden size: organism (largest batch) over naive and over the dense bound."""
-    matrix_flops = report["dense_matmul"]["matrix_gflops"] * 1e9
-    naive = {r["hidden"]: r["decisions_per_s"]["median"] for r in report["naive_reference"]}
+    """Per hidden size: the organism (largest batch) over the naive reference and over the dense
+    bound, each the median over repeats of the ratio of rates timed side by side (the matrix
+    rate from the 256x450 @ 450x512 product timed beside the organism)."""
+    matmul_flops = 2.0 * MATMUL_SHAPE[0] * MATMUL_SHAPE[1] * MATMUL_SHAPE[2]
+    naive = {r["hidden"]: r["decisions_per_s"] for r in report["naive_reference"]}
     rows = []
     for hidden in sorted(naive):
         runs = [r for r in report["organism_eval"] if r["hidden"] == hidden]
         best = max(runs, key=lambda r: r["batch"])
-        full, only = best["full_loop"]["median"], best["organism_only"]["median"]
-        bound = matrix_flops / dense_flops_per_decision(hidden)
+        full, only = best["full_loop"], best["organism_only"]
+        matmul = report["matmul_beside"][str(hidden)]
+        # dense bound = matrix rate / dense FLOPs per decision; per repeat: matmuls/s * flops per matmul
+        bound = {"rates": [m * matmul_flops / dense_flops_per_decision(hidden) for m in matmul["rates"]]}
         row = {
             "hidden": hidden, "batch": best["batch"],
-            "organism_full_loop": full, "organism_only": only, "naive": naive[hidden],
-            "speedup_vs_naive": full / naive[hidden],
-            "organism_only_speedup_vs_naive": only / naive[hidden],
+            "organism_full_loop": full["median"], "organism_only": only["median"], "naive": naive[hidden]["median"],
+            "speedup_vs_naive": ratio(full, naive[hidden]),
+            "organism_only_speedup_vs_naive": ratio(only, naive[hidden]),
             "dense_flops_per_decision": dense_flops_per_decision(hidden),
-            "dense_bound": bound,
-            "full_loop_over_dense_bound": full / bound,
-            "organism_only_over_dense_bound": only / bound,
+            "matrix_gflops_beside": statistics.median(matmul["rates"]) * matmul_flops / 1e9,
+            "dense_bound": statistics.median(bound["rates"]),
+            "full_loop_over_dense_bound": ratio(full, bound),
+            "organism_only_over_dense_bound": ratio(only, bound),
         }
         if hidden == 512:
             row["target_speedup"] = TARGET_RATIO_H512
             row["meets_target"] = row["speedup_vs_naive"] >= TARGET_RATIO_H512
+            row["meets_dense_bound"] = row["full_loop_over_dense_bound"] >= 1.0
         rows.append(row)
     return rows
 
@@ -678,6 +762,7 @@ def ratios(report: dict) -> list[dict]:
 def min_cpu_share(report: dict) -> float:
     """The lowest CPU share of any measurement (see ``Rate``): how alone this run was."""
     shares = [v["cpu_share"] for v in report["dense_matmul"]["shapes"].values()]
+    shares += [v["cpu_share"] for v in report.get("matmul_beside", {}).values()]
     for r in report["organism_eval"]:
         shares += [r["full_loop"]["cpu_share"], r["organism_only"]["cpu_share"]]
     shares += [r["steps_per_s"]["cpu_share"] for r in report["env_step"]]
@@ -724,13 +809,14 @@ def table(report: dict) -> str:
     dm = report["dense_matmul"]
     shapes = ", ".join(f"{name} {v['gflops']:.1f}" for name, v in dm["shapes"].items())
     lines += ["", f"dense_matmul GFLOP/s (1 thread): {shapes}; matrix rate {dm['matrix_gflops']:.1f}", "",
-              "ratios (organism at the largest batch)",
+              "ratios (organism at the largest batch; medians of per-repeat ratios, timed side by side)",
               f"  {'H':>5} {'full/naive':>11} {'only/naive':>11} {'dense bound':>12} {'full/bound':>11}"
               f" {'only/bound':>11}"]
     for r in report["ratios"]:
         flag = ""
         if "target_speedup" in r:
-            flag = f"   <- target >= {r['target_speedup']:.0f}x: {'MET' if r['meets_target'] else 'NOT MET'}"
+            flag = (f"   <- targets >= {r['target_speedup']:.0f}x: {_met(r['meets_target'])}, full/bound >= 1: "
+                    f"{_met(r['meets_dense_bound'])}")
         lines.append(
             f"  {r['hidden']:>5} {r['speedup_vs_naive']:>10.0f}x {r['organism_only_speedup_vs_naive']:>10.0f}x"
             f" {r['dense_bound']:>12,.0f}"
@@ -783,7 +869,7 @@ def _pruning_lines(report: dict) -> list[str]:
     sp = p["speedup"]
     lines.append(f"  {p['pruned_to']}/{p['pruned_from']} speed-up: full loop {sp['full_loop']:.2f}x, organism only "
                  f"{sp['organism_only']:.2f}x, learning {sp['learning']:.2f}x"
-                 f"   <- target full loop >= {p['target_speedup']:.1f}x: {_met(p['meets_target'])}")
+                 f"   <- target organism only >= {p['target_speedup']:.1f}x: {_met(p['meets_target'])}")
     return lines
 
 

@@ -1,15 +1,22 @@
 """Adam over the organism's named parameters, with moments that growth and pruning can resize.
 
-The update is ``torch.optim.Adam``'s (default betas and eps, no weight decay, no amsgrad), op for
-op, and ``tests/test_kernels.py`` checks it against torch's. It is written out because creating
-any ``torch.optim`` optimizer imports ``torch._dynamo`` (about 70 MB in every organism process,
-measured with ``python -m benchmarks``), and because the moments live in a plain dict keyed by
-parameter name, which is what growth, pruning and checkpoints need.
+The update is ``torch.optim.Adam``'s (default betas and eps, no weight decay, no amsgrad): op for
+op with torch ops (GPUs, and the CPU without the C kernels; ``tests/test_kernels.py`` checks it
+equals torch's bit for bit), or in one pass per parameter in C (``gsnn.kernels.adam_step``, equal
+within float rounding). It is written out because creating any ``torch.optim`` optimizer imports
+``torch._dynamo`` (about 70 MB in every organism process, measured with ``python -m
+benchmarks``), because the moments live in a plain dict keyed by parameter name, which is what
+growth, pruning and checkpoints need, and because the gradient clip's scale is folded into the
+same pass.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from gsnn import kernels
 
 
 class Adam:
@@ -23,22 +30,34 @@ class Adam:
         self.exp_avg_sq: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def step(self, grads: dict[str, torch.Tensor]) -> None:
+    def step(self, grads: dict[str, torch.Tensor], scale: float = 1.0) -> bool:
+        """Update every parameter in ``grads`` with its gradient times ``scale``. Returns False
+        if a parameter became non-finite."""
         beta1, beta2 = self.betas
         self.steps += 1
         bias_correction1 = 1 - beta1**self.steps
         bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
         step_size = self.lr / bias_correction1
+        finite = True
         for name, grad in grads.items():
             param = self.params[name]
             if name not in self.exp_avg:
                 self.exp_avg[name] = torch.zeros_like(param)
                 self.exp_avg_sq[name] = torch.zeros_like(param)
             exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
+            if kernels.use_native(param.device):
+                total = kernels.adam_step(param, grad, exp_avg, exp_avg_sq, scale, beta1, beta2, step_size,
+                                          bias_correction2_sqrt, self.eps)
+                finite = finite and math.isfinite(total)
+                continue
+            if scale != 1.0:
+                grad = grad * scale
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
             param.addcdiv_(exp_avg, denom, value=-step_size)
+            finite = finite and bool(torch.isfinite(param.sum()))
+        return finite
 
     def moments(self, name: str) -> dict[str, torch.Tensor]:
         """The moments of one parameter (empty before its first update)."""

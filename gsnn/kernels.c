@@ -1,14 +1,24 @@
 /* The organism's hot loops for the CPU: float32, row-major, contiguous, one thread.
  *
- * gsnn/native.py compiles this file on first use (cc -O3 -march=native -ffp-contract=off) and
- * calls it through ctypes; gsnn/kernels.py holds a torch twin of every function (used on GPUs
- * and where no C compiler is found), and tests/test_kernels.py checks that the two agree and
- * that the LIF steps are bit-identical to Norse's lif_feed_forward_step.
+ * gsnn/native.py compiles this file on first use (cc -O3 -march=native -ffp-contract=off ...)
+ * and gsnn/kernels.py calls it through ctypes; gsnn/kernels.py also holds a torch twin of every
+ * function (used on GPUs and where no C compiler is found), and tests/test_kernels.py checks that
+ * the two agree and that the LIF steps are bit-identical to Norse's lif_feed_forward_step.
  *
  * Why C: one LIF step is ~9 elementwise passes over the (B, H) state, so torch's eager ops
- * stream the state through memory ~90 times per decision; here each world's row stays in the
- * L1 cache for all T steps, and the input current, the readout and the argmax of a decision
- * are one call instead of dozens of small ops.
+ * stream the state through memory ~90 times per decision; here a block of a world's neurons
+ * stays in registers and L1 for all T steps, and the input current, readout, action and the
+ * learner's record of a decision are one call instead of dozens of small ops.
+ *
+ * Memory layout of the work: rows (worlds, or decisions of a rollout) are taken in chunks of
+ * CHUNK_ROWS, and within a chunk the hidden neurons in blocks of HBLOCK. A block's slice of the
+ * input weights (N x HBLOCK floats, 115 KB for N = 450) then stays in L2 while every row of the
+ * chunk reads or updates it; whole rows of W (2 KB each at H = 512) scattered over 0.9 MB would
+ * come from L3 for every active input. (An update's rows are all taken as one chunk, their
+ * active inputs listed compactly first.) The slice is copied to (or accumulated in) a contiguous
+ * buffer first: read in place, its rows lie H floats apart, and with H a power of two they all
+ * fall into a few cache sets and evict each other (measured: up to 2x slower, varying from
+ * process to process with the physical pages).
  *
  * LIF parameters `p` (5 floats): p[0] = dt * tau_mem_inv, p[1] = -dt * tau_syn_inv, p[2] = v_leak,
  * p[3] = v_th, p[4] = v_reset, each the float32 value Norse's step multiplies or compares with.
@@ -18,116 +28,305 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define CHUNK 64 /* neurons per block in the surrogate backward */
+#define HBLOCK 64      /* hidden neurons per block */
+#define CHUNK_ROWS 256 /* rows per chunk */
+#define COPY_ROWS 32   /* chunks with at least this many rows work on a contiguous copy of each block */
 
-/* T steps of one world's row of H neurons with constant input x, in place on v and i.
- * counts (H) receive spikes per neuron; with pot/dep (H) non-NULL, the STDP factors
- * pot = sum_t pre_w[t] z_t and dep = sum_t post_w[t] z_t (see gsnn.neurons.STDPFactors). */
-static inline void lif_row(int64_t H, int64_t T, const float *restrict x, const float *restrict p,
-                           float *restrict v, float *restrict i, float *restrict counts,
-                           const float *restrict pre_w, const float *restrict post_w,
-                           float *restrict pot, float *restrict dep, const int stdp) {
-    const float dm = p[0], nds = p[1], vl = p[2], th = p[3], vr = p[4];
-    for (int64_t h = 0; h < H; h++) counts[h] = 0.0f;
-    if (stdp)
-        for (int64_t h = 0; h < H; h++) pot[h] = dep[h] = 0.0f;
-    for (int64_t t = 0; t < T; t++) {
-        const float wp = stdp ? pre_w[t] : 0.0f, wd = stdp ? post_w[t] : 0.0f;
-        for (int64_t h = 0; h < H; h++) {
-            const float inew = i[h] + x[h];
-            const float vp = v[h] + dm * ((vl - v[h]) + inew);
-            i[h] = inew + nds * inew;
-            const int z = (vp - th) > 0.0f;
-            v[h] = z ? vr : vp;
-            counts[h] += z ? 1.0f : 0.0f;
-            if (stdp) {
-                pot[h] += z ? wp : 0.0f;
-                dep[h] += z ? wd : 0.0f;
-            }
-        }
+/* One step of one neuron, Norse's arithmetic (see the top), on local copies of its v and i;
+ * sets z to the spike, 0.0 or 1.0. (A macro: gcc vectorises the loops around it, which it does
+ * not for every inlined function that writes through pointers.) */
+#define LIF_STEP(x, v, i, z)                                                                    \
+    do {                                                                                        \
+        const float inew_ = (i) + (x);                                                          \
+        const float vp_ = (v) + q[0] * ((q[2] - (v)) + inew_);                                  \
+        (i) = inew_ + q[1] * inew_;                                                             \
+        (z) = (vp_ - q[3]) > 0.0f ? 1.0f : 0.0f;                                                \
+        (v) = (vp_ - q[3]) > 0.0f ? q[4] : vp_;                                                 \
+    } while (0)
+
+/* Eight floats as one value (GCC/Clang vector extensions: AVX on x86-64, two SSE or NEON
+ * registers elsewhere). A full block's neurons are stepped eight at a time with v and i kept in
+ * registers for all T steps; a loop over the block per step would load and store them T times.
+ * Same operations in the same order as LIF_STEP, so the results are identical. */
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+#define LANES 8
+
+static inline vf8 load8(const float *p) {
+    vf8 r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+static inline void store8(float *p, vf8 v) { memcpy(p, &v, sizeof v); }
+static inline vf8 splat8(float x) { return (vf8){x, x, x, x, x, x, x, x}; }
+static inline vf8 select8(vi8 mask, vf8 yes, vf8 no) { return (vf8)((mask & (vi8)yes) | (~mask & (vi8)no)); }
+
+/* One LIF step of eight neurons (LIF_STEP's arithmetic); returns the spike mask (-1 where z).
+ * With leak_zero (v_leak == 0) the leak term (0 - v) + i_new is computed as i_new - v, the same
+ * number in one operation; v' > v_th is the same test as v' - v_th > 0 for finite values (a
+ * rounded difference is zero only for equal operands and never changes sign). */
+static inline vi8 lif_step8(vf8 x, vf8 *v, vf8 *i, const vf8 *q, const int leak_zero) {
+    const vf8 inew = *i + x;
+    const vf8 vp = *v + q[0] * (leak_zero ? inew - *v : (q[2] - *v) + inew);
+    *i = inew + q[1] * inew;
+    const vi8 spike = vp > q[3];
+    *v = select8(spike, q[4], vp);
+    return spike;
+}
+
+/* T steps of 32 neurons at x, v, i with four groups of eight interleaved (independent chains
+ * keep the core busy); spike counts to counts. */
+static inline void lif_32(int64_t T, const float *restrict x, const vf8 *q, float *restrict v, float *restrict i,
+                          float *restrict counts, const int leak_zero) {
+    vf8 vj[4], ij[4], xj[4];
+    vi8 c[4];
+    for (int k = 0; k < 4; k++) {
+        vj[k] = load8(v + k * LANES);
+        ij[k] = load8(i + k * LANES);
+        xj[k] = load8(x + k * LANES);
+        c[k] = (vi8){0, 0, 0, 0, 0, 0, 0, 0};
+    }
+    for (int64_t t = 0; t < T; t++)
+        for (int k = 0; k < 4; k++) c[k] -= lif_step8(xj[k], &vj[k], &ij[k], q, leak_zero); /* mask -1: +1 */
+    for (int k = 0; k < 4; k++) {
+        store8(v + k * LANES, vj[k]);
+        store8(i + k * LANES, ij[k]);
+        vf8 cf;
+        for (int l = 0; l < LANES; l++) cf[l] = (float)c[k][l];
+        store8(counts + k * LANES, cf);
     }
 }
 
-/* T LIF steps for B rows: x, v, i, counts (B, H). */
-void gsnn_lif(int64_t B, int64_t H, int64_t T, const float *x, const float *p, float *v, float *i,
-              float *counts, const float *pre_w, const float *post_w, float *pot, float *dep) {
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t o = b * H;
-        if (pot)
-            lif_row(H, T, x + o, p, v + o, i + o, counts + o, pre_w, post_w, pot + o, dep + o, 1);
-        else
-            lif_row(H, T, x + o, p, v + o, i + o, counts + o, 0, 0, 0, 0, 0);
+/* lif_32 for 16 neurons that also sums their STDP factor (two groups of eight: the factors take
+ * the registers that two more groups would need). */
+static inline void lif_16_stdp(int64_t T, const float *restrict x, const vf8 *q, float *restrict v, float *restrict i,
+                               float *restrict counts, const float *restrict pre_w, const float *restrict post_w,
+                               float ratio, float *restrict stdp, const int leak_zero) {
+    vf8 vj[2], ij[2], xj[2], pot[2], dep[2];
+    vi8 c[2];
+    for (int k = 0; k < 2; k++) {
+        vj[k] = load8(v + k * LANES);
+        ij[k] = load8(i + k * LANES);
+        xj[k] = load8(x + k * LANES);
+        pot[k] = dep[k] = splat8(0.0f);
+        c[k] = (vi8){0, 0, 0, 0, 0, 0, 0, 0};
     }
+    const vi8 one = (vi8)splat8(1.0f);
+    for (int64_t t = 0; t < T; t++) {
+        const vf8 wp = splat8(pre_w[t]), wd = splat8(post_w[t]);
+        for (int k = 0; k < 2; k++) {
+            const vi8 spike = lif_step8(xj[k], &vj[k], &ij[k], q, leak_zero);
+            const vf8 z = (vf8)(spike & one);
+            c[k] -= spike;
+            pot[k] += z * wp;
+            dep[k] += z * wd;
+        }
+    }
+    const vf8 r = splat8(ratio);
+    for (int k = 0; k < 2; k++) {
+        store8(v + k * LANES, vj[k]);
+        store8(i + k * LANES, ij[k]);
+        vf8 cf;
+        for (int l = 0; l < LANES; l++) cf[l] = (float)c[k][l];
+        store8(counts + k * LANES, cf);
+        store8(stdp + k * LANES, pot[k] - r * dep[k]);
+    }
+}
+
+/* T steps of n neurons with constant input x, in place on v and i; counts receive the spikes.
+ * With pre_w non-NULL also the STDP factor stdp = sum_t (pre_w[t] - ratio * post_w[t]) z_t
+ * summed as pot - ratio * dep (see gsnn.neurons.STDPFactors). */
+static inline void lif_block(int64_t n, int64_t T, const float *restrict x, const float *restrict p,
+                             float *restrict v, float *restrict i, float *restrict counts) {
+    if (n == HBLOCK) {
+        const vf8 q[5] = {splat8(p[0]), splat8(p[1]), splat8(p[2]), splat8(p[3]), splat8(p[4])};
+        for (int64_t j = 0; j < HBLOCK; j += 4 * LANES) {
+            if (p[2] == 0.0f)
+                lif_32(T, x + j, q, v + j, i + j, counts + j, 1);
+            else
+                lif_32(T, x + j, q, v + j, i + j, counts + j, 0);
+        }
+        return;
+    }
+    const float q[5] = {p[0], p[1], p[2], p[3], p[4]};
+    for (int64_t h = 0; h < n; h++) counts[h] = 0.0f;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < n; h++) {
+            float vh = v[h], ih = i[h], z;
+            LIF_STEP(x[h], vh, ih, z);
+            v[h] = vh;
+            i[h] = ih;
+            counts[h] += z;
+        }
+}
+
+static inline void lif_block_stdp(int64_t n, int64_t T, const float *restrict x, const float *restrict p,
+                                  float *restrict v, float *restrict i, float *restrict counts,
+                                  const float *restrict pre_w, const float *restrict post_w, float ratio,
+                                  float *restrict stdp) {
+    if (n == HBLOCK) {
+        const vf8 q[5] = {splat8(p[0]), splat8(p[1]), splat8(p[2]), splat8(p[3]), splat8(p[4])};
+        for (int64_t j = 0; j < HBLOCK; j += 2 * LANES) {
+            if (p[2] == 0.0f)
+                lif_16_stdp(T, x + j, q, v + j, i + j, counts + j, pre_w, post_w, ratio, stdp + j, 1);
+            else
+                lif_16_stdp(T, x + j, q, v + j, i + j, counts + j, pre_w, post_w, ratio, stdp + j, 0);
+        }
+        return;
+    }
+    const float q[5] = {p[0], p[1], p[2], p[3], p[4]};
+    float pot[HBLOCK], dep[HBLOCK];
+    for (int64_t h = 0; h < n; h++) counts[h] = pot[h] = dep[h] = 0.0f;
+    for (int64_t t = 0; t < T; t++) {
+        const float wp = pre_w[t], wd = post_w[t];
+        for (int64_t h = 0; h < n; h++) {
+            float vh = v[h], ih = i[h], z;
+            LIF_STEP(x[h], vh, ih, z);
+            v[h] = vh;
+            i[h] = ih;
+            counts[h] += z;
+            pot[h] += z * wp;
+            dep[h] += z * wd;
+        }
+    }
+    for (int64_t h = 0; h < n; h++) stdp[h] = pot[h] - ratio * dep[h];
 }
 
 static inline double sum8(const float *restrict part) {
     return ((double)part[0] + part[1] + part[2] + part[3]) + ((double)part[4] + part[5] + part[6] + part[7]);
 }
 
-/* Sum of H floats in 8 independent partial sums (so it vectorises). */
-static inline double row_sum(int64_t H, const float *restrict a) {
+/* Sum of n floats in 8 independent partial sums (so it vectorises). */
+static inline double row_sum(int64_t n, const float *restrict a) {
     float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t h = 0;
-    for (; h + 8 <= H; h += 8)
+    for (; h + 8 <= n; h += 8)
         for (int k = 0; k < 8; k++) part[k] += a[h + k];
     double total = sum8(part);
-    for (; h < H; h++) total += a[h];
+    for (; h < n; h++) total += a[h];
     return total;
 }
 
-/* x += o * w over H floats. Kept out of line: inlined into the loop over active inputs, gcc
- * vectorises across inputs with gathers instead, about 30x slower. */
-static __attribute__((noinline)) void axpy(int64_t H, float o, const float *restrict w, float *restrict x) {
-    for (int64_t h = 0; h < H; h++) x[h] += o * w[h];
+/* x += o * w over n floats. Out of line: inlined into a loop over active inputs, gcc vectorises
+ * across the inputs with gathers instead, about 30x slower. */
+static __attribute__((noinline)) void axpy(int64_t n, float o, const float *restrict w, float *restrict x) {
+    for (int64_t h = 0; h < n; h++) x[h] += o * w[h];
 }
 
-/* The non-zero inputs of one world: their indices in increasing order into `active`, their
- * count returned; `*total` += the row's sum (NaN or Inf anywhere in the row shows in it). */
-static inline int32_t scan_row(int64_t N, const float *restrict obs, int32_t *restrict active, double *total) {
-    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+/* y[0:n] += o * w[0:n] for one block: a fixed trip count when the block is full. */
+static inline void axpy_block(int64_t n, float o, const float *restrict w, float *restrict y) {
+    if (n == HBLOCK)
+        for (int64_t h = 0; h < HBLOCK; h++) y[h] += o * w[h];
+    else
+        axpy(n, o, w, y);
+}
+
+/* The non-zero inputs of one row: their indices in increasing order into `active` and their
+ * values into `vals` (read later without touching the observation again), their count returned. */
+static inline int32_t scan_row(int64_t N, const float *restrict obs, int32_t *restrict active, float *restrict vals) {
     int64_t n = 0;
     int32_t na = 0;
     for (; n + 8 <= N; n += 8) {
         int any = 0;
-        for (int k = 0; k < 8; k++) {
-            part[k] += obs[n + k];
-            any |= obs[n + k] != 0.0f;
-        }
+        for (int k = 0; k < 8; k++) any |= obs[n + k] != 0.0f;
         if (any)
             for (int k = 0; k < 8; k++) {
                 active[na] = (int32_t)(n + k);
+                vals[na] = obs[n + k];
                 na += obs[n + k] != 0.0f;
             }
     }
-    *total += sum8(part);
     for (; n < N; n++) {
-        *total += obs[n];
         active[na] = (int32_t)n;
+        vals[na] = obs[n];
         na += obs[n] != 0.0f;
     }
     return na;
 }
 
-/* Input current of one world from its active inputs: x = (sum over them, in increasing n, of
- * obs[n] * W[n, :]) + bias, as embedding_bag over the non-zero cells followed by + bias. */
-static inline void input_row(int64_t H, int32_t na, const int32_t *restrict active, const float *restrict obs,
-                             const float *restrict W, const float *restrict bias, float *restrict x) {
-    for (int64_t h = 0; h < H; h++) x[h] = 0.0f;
-    for (int32_t k = 0; k < na; k++) axpy(H, obs[active[k]], W + (int64_t)active[k] * H, x);
-    for (int64_t h = 0; h < H; h++) x[h] += bias[h];
+/* The active inputs of all R rows, compactly: row r's are cols[start[r]:start[r + 1]] with
+ * values vals[...]. The arrays are malloc'ed (free them); returns 0, or -1 if out of memory. */
+static int scan_all_rows(int64_t R, int64_t N, const float *obs, int64_t **start, int32_t **cols, float **vals) {
+    int64_t total = 0;
+    *start = malloc(sizeof(int64_t) * (size_t)(R + 1));
+    if (!*start) return -1;
+    for (int64_t r = 0; r < R; r++) {
+        int32_t count = 0;
+        for (int64_t n = 0; n < N; n++) count += obs[r * N + n] != 0.0f;
+        (*start)[r] = total;
+        total += count;
+    }
+    (*start)[R] = total;
+    *cols = malloc(sizeof(int32_t) * (size_t)(total + N)); /* + N: scan_row writes up to N per row */
+    *vals = malloc(sizeof(float) * (size_t)(total + N));
+    if (!*cols || !*vals) {
+        free(*start);
+        free(*cols);
+        free(*vals);
+        return -1;
+    }
+    for (int64_t r = 0; r < R; r++) scan_row(N, obs + r * N, *cols + (*start)[r], *vals + (*start)[r]);
+    return 0;
 }
 
-/* x (B, H) = input current of B worlds from obs (B, N); returns the sum of obs. */
-double gsnn_input_current(int64_t B, int64_t N, int64_t H, const float *obs, const float *W,
-                          const float *bias, float *x, int32_t *active) {
-    double total = 0.0;
-    for (int64_t b = 0; b < B; b++) {
-        const int32_t na = scan_row(N, obs + b * N, active, &total);
-        input_row(H, na, active, obs + b * N, W, bias, x + b * H);
+/* Active inputs of rows [r0, r0 + rows): at active/vals + (r - r0) * N, counts in n_active. */
+static void scan_rows(int64_t r0, int64_t rows, int64_t N, const float *obs, int32_t *active, float *vals,
+                      int32_t *n_active) {
+    for (int64_t r = 0; r < rows; r++) n_active[r] = scan_row(N, obs + (r0 + r) * N, active + r * N, vals + r * N);
+}
+
+/* Input current of one row on a block of n neurons: x = (sum over its active inputs, in
+ * increasing order, of obs[k] * Wb[k, :]) + bias, as embedding_bag over the non-zero cells then
+ * + bias. Wb: the block's columns of W, rows `stride` floats apart; bias: the block's. */
+static inline void input_block(int64_t n, int64_t stride, int32_t na, const int32_t *restrict active,
+                               const float *restrict vals, const float *restrict Wb, const float *restrict bias,
+                               float *restrict x) {
+    if (n == HBLOCK) { /* the block's sums in eight registers while the active inputs stream by */
+        vf8 acc[HBLOCK / LANES];
+        for (int j = 0; j < HBLOCK / LANES; j++) acc[j] = splat8(0.0f);
+        for (int32_t k = 0; k < na; k++) {
+            const vf8 o = splat8(vals[k]);
+            const float *w = Wb + (int64_t)active[k] * stride;
+            for (int j = 0; j < HBLOCK / LANES; j++) acc[j] += o * load8(w + j * LANES);
+        }
+        for (int j = 0; j < HBLOCK / LANES; j++) store8(x + j * LANES, acc[j] + load8(bias + j * LANES));
+        return;
     }
-    return total;
+    for (int64_t h = 0; h < n; h++) x[h] = 0.0f;
+    for (int32_t k = 0; k < na; k++) axpy_block(n, vals[k], Wb + (int64_t)active[k] * stride, x);
+    for (int64_t h = 0; h < n; h++) x[h] += bias[h];
+}
+
+/* For each active input k of a row (indices active, values vals): block[k, :] += (w * vals) * g, with block (N, n)
+ * contiguous and g the row's n values (held in registers for a full block). */
+static inline void scatter_block(int64_t n, int32_t na, const int32_t *restrict active, const float *restrict vals,
+                                 float w, int weighted, const float *restrict g, float *restrict block) {
+    if (n == HBLOCK) {
+        vf8 gj[HBLOCK / LANES];
+        for (int j = 0; j < HBLOCK / LANES; j++) gj[j] = load8(g + j * LANES);
+        for (int32_t k = 0; k < na; k++) {
+            const vf8 o = splat8(weighted ? w * vals[k] : vals[k]);
+            float *row = block + (int64_t)active[k] * HBLOCK;
+            for (int j = 0; j < HBLOCK / LANES; j++) store8(row + j * LANES, load8(row + j * LANES) + o * gj[j]);
+        }
+        return;
+    }
+    for (int32_t k = 0; k < na; k++) axpy(n, weighted ? w * vals[k] : vals[k], g, block + (int64_t)active[k] * n);
+}
+
+/* Columns [h0, h0 + n) of the (N, H) matrix M, to dst (N, n) contiguous, or back (add != 0:
+ * M[:, h0:h0 + n] += dst). */
+static void block_copy(int64_t N, int64_t H, int64_t h0, int64_t n, float *M, float *dst, int add) {
+    for (int64_t k = 0; k < N; k++) {
+        float *row = M + k * H + h0, *b = dst + k * n;
+        if (add)
+            for (int64_t h = 0; h < n; h++) row[h] += b[h];
+        else
+            memcpy(b, row, (size_t)n * sizeof(float));
+    }
 }
 
 /* Dot product of two rows in 8 independent partial sums (so it vectorises). */
@@ -141,109 +340,409 @@ static inline float dot(int64_t H, const float *restrict a, const float *restric
     return total;
 }
 
-/* One decision of B worlds: input current, T LIF steps, and (when logits is non-NULL) the
- * readout logits (B, A) = counts @ wout + bout with wout (H, A), and (when actions is non-NULL)
- * their argmax (the first maximum). Optional outputs (NULL to skip): x_out, v0_out, i0_out
- * (B, H): the input current and the state before the decision (what a learner keeps);
- * pot, dep (B, H): STDP factors with step weights pre_w, post_w (T).
- * sums[0] = sum of obs, sums[1] = spikes, sums[2] = sum of logits (non-finite if any logit is).
- * Every observation is read before anything is written: if their sum is not finite, returns 1
- * with v and i untouched. Scratch: H + A * H floats, active (B * N ints), n_active (B ints). */
-int gsnn_decide(int64_t B, int64_t N, int64_t H, int64_t T, const float *obs, const float *W,
-                const float *bias, const float *p, float *v, float *i, float *counts, float *x_out,
-                float *v0_out, float *i0_out, const float *pre_w, const float *post_w, float *pot,
-                float *dep, int64_t A, const float *wout, const float *bout, float *logits,
-                int64_t *actions, double *sums, float *scratch, int32_t *active, int32_t *n_active) {
-    double obs_total = 0.0, spikes = 0.0, logit_total = 0.0;
-    for (int64_t b = 0; b < B; b++) n_active[b] = scan_row(N, obs + b * N, active + b * N, &obs_total);
-    sums[0] = obs_total;
-    if (!isfinite(obs_total)) return 1;
-    float *wout_t = scratch + H; /* (A, H): each action's weights contiguous, for dot() */
-    if (logits)
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t a = 0; a < A; a++) wout_t[a * H + h] = wout[h * A + a];
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t o = b * H;
-        float *x = x_out ? x_out + o : scratch;
-        input_row(H, n_active[b], active + b * N, obs + b * N, W, bias, x);
-        if (v0_out) memcpy(v0_out + o, v + o, (size_t)H * sizeof(float));
-        if (i0_out) memcpy(i0_out + o, i + o, (size_t)H * sizeof(float));
-        if (pot)
-            lif_row(H, T, x, p, v + o, i + o, counts + o, pre_w, post_w, pot + o, dep + o, 1);
-        else
-            lif_row(H, T, x, p, v + o, i + o, counts + o, 0, 0, 0, 0, 0);
-        spikes += row_sum(H, counts + o);
-        if (logits) {
-            float *l = logits + b * A;
-            int64_t best = 0;
-            for (int64_t a = 0; a < A; a++) {
-                l[a] = dot(H, counts + o, wout_t + a * H) + bout[a];
-                logit_total += l[a];
-                if (l[a] > l[best]) best = a;
+/* wt (A, H) = w (H, A) transposed: each action's readout weights contiguous. */
+static void transpose(int64_t H, int64_t A, const float *restrict w, float *restrict wt) {
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t a = 0; a < A; a++) wt[a * H + h] = w[h * A + a];
+}
+
+/* Softmax of A logits into probs (max subtracted, as torch.softmax). */
+static void softmax(int64_t A, const float *restrict logits, float *restrict probs) {
+    float m = logits[0], total = 0.0f;
+    for (int64_t a = 1; a < A; a++) m = logits[a] > m ? logits[a] : m;
+    for (int64_t a = 0; a < A; a++) total += probs[a] = expf(logits[a] - m);
+    for (int64_t a = 0; a < A; a++) probs[a] /= total;
+}
+
+/* Everything one decision of B worlds reads and writes; NULL pointers skip an output. Keep in
+ * step with gsnn.kernels.DecideArgs. */
+typedef struct {
+    int64_t B, N, H, T, A;
+    const float *obs;     /* (B, N) observations */
+    const float *W;       /* (N, H) input weights */
+    const float *bias;    /* (H) hidden bias */
+    const float *p;       /* (5) LIF constants (see the top) */
+    float *v, *i;         /* (B, H) LIF state, updated in place */
+    float *counts;        /* (B, H) out: spikes per neuron over the T steps */
+    const float *wout;    /* (H, A) readout weights */
+    const float *bout;    /* (A) readout bias */
+    float *logits;        /* (B, A) out: counts @ wout + bout */
+    int64_t *actions;     /* (B) out: argmax of the logits, or sampled when uniform is given */
+    const float *uniform; /* (B) in [0, 1): action = first a with cumsum(softmax(logits))_a > u */
+    float *obs_out;       /* (B, N) out: a copy of obs */
+    float *x_out, *v0_out, *i0_out; /* (B, H) out: input current, state before the decision */
+    const float *pre_w, *post_w;    /* (T) STDP step weights (gsnn.neurons.stdp_step_weights) */
+    float depression_ratio;
+    float *hidden_post;   /* (B, H) out, with pre_w: (pot - ratio * dep) * (wout @ action_post) */
+    float *action_post;   /* (B, A) out: onehot(action) - softmax(logits) */
+    float *rate_ema;      /* (H) in place: ema * (1 - alpha) + (alpha / T) * mean over worlds of counts */
+    float rate_alpha;
+    double sums[3];       /* out: sum of obs (NaN/Inf show here), spikes, sum of logits */
+    float *scratch;       /* H * (A + 2) + A + N * HBLOCK floats */
+    int32_t *active;      /* min(B, CHUNK_ROWS) * N ints */
+    float *vals;          /* min(B, CHUNK_ROWS) * N floats */
+    int32_t *n_active;    /* min(B, CHUNK_ROWS) ints */
+} decide_args;
+
+/* Readout, action and the learner's per-world record of world b, once its counts are complete. */
+static void finish_world(decide_args *d, int64_t b, const float *wout_t, float *feedback, float *probs,
+                         double *logit_total) {
+    const int64_t H = d->H, A = d->A;
+    const float *counts = d->counts + b * H;
+    float *l = d->logits + b * A;
+    for (int64_t a = 0; a < A; a++) {
+        l[a] = dot(H, counts, wout_t + a * H) + d->bout[a];
+        *logit_total += l[a];
+    }
+    if (!d->actions) return;
+    int64_t chosen = 0;
+    if (d->uniform) {
+        softmax(A, l, probs);
+        float cumulative = 0.0f;
+        chosen = A - 1; /* if rounding leaves the total below u */
+        for (int64_t a = 0; a < A; a++) {
+            cumulative += probs[a];
+            if (d->uniform[b] < cumulative) {
+                chosen = a;
+                break;
             }
-            if (actions) actions[b] = best;
+        }
+    } else {
+        for (int64_t a = 1; a < A; a++)
+            if (l[a] > l[chosen]) chosen = a;
+    }
+    d->actions[b] = chosen;
+    if (!d->action_post || !d->uniform) return;
+    float *post = d->action_post + b * A;
+    for (int64_t a = 0; a < A; a++) post[a] = (a == chosen ? 1.0f : 0.0f) - probs[a];
+    if (!d->hidden_post) return;
+    for (int64_t h = 0; h < H; h++) feedback[h] = 0.0f;
+    for (int64_t a = 0; a < A; a++) axpy(H, post[a], wout_t + a * H, feedback);
+    float *hp = d->hidden_post + b * H; /* holds the STDP factor of each neuron until here */
+    for (int64_t h = 0; h < H; h++) hp[h] *= feedback[h];
+}
+
+/* One decision of B worlds: input current from the active inputs, T LIF steps, readout,
+ * action, and what a learner keeps (see decide_args). Every observation is read before anything
+ * is written: if their sum is not finite, returns 1 with the state untouched; else 0. */
+int gsnn_decide(decide_args *d) {
+    const int64_t B = d->B, N = d->N, H = d->H, T = d->T, A = d->A;
+    d->sums[0] = row_sum(B * N, d->obs);
+    if (!isfinite(d->sums[0])) return 1;
+    double spikes = 0.0, logit_total = 0.0;
+    float *wout_t = d->scratch, *feedback = wout_t + A * H, *rate_sum = feedback + H, *probs = rate_sum + H,
+          *w_block = probs + A;
+    transpose(H, A, d->wout, wout_t);
+    if (d->rate_ema)
+        for (int64_t h = 0; h < H; h++) rate_sum[h] = 0.0f;
+    const int stdp = d->pre_w && d->hidden_post;
+    for (int64_t b0 = 0; b0 < B; b0 += CHUNK_ROWS) {
+        const int64_t rows = B - b0 < CHUNK_ROWS ? B - b0 : CHUNK_ROWS;
+        scan_rows(b0, rows, N, d->obs, d->active, d->vals, d->n_active);
+        if (d->obs_out) memcpy(d->obs_out + b0 * N, d->obs + b0 * N, (size_t)(rows * N) * sizeof(float));
+        for (int64_t h0 = 0; h0 < H; h0 += HBLOCK) {
+            const int64_t n = H - h0 < HBLOCK ? H - h0 : HBLOCK;
+            const int copy = rows >= COPY_ROWS;
+            if (copy) block_copy(N, H, h0, n, (float *)d->W, w_block, 0);
+            const float *Wb = copy ? w_block : d->W + h0;
+            const int64_t stride = copy ? n : H;
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t b = b0 + r, o = b * H + h0;
+                float x_local[HBLOCK];
+                float *x = d->x_out ? d->x_out + o : x_local;
+                input_block(n, stride, d->n_active[r], d->active + r * N, d->vals + r * N, Wb, d->bias + h0, x);
+                if (d->v0_out) memcpy(d->v0_out + o, d->v + o, (size_t)n * sizeof(float));
+                if (d->i0_out) memcpy(d->i0_out + o, d->i + o, (size_t)n * sizeof(float));
+                if (stdp)
+                    lif_block_stdp(n, T, x, d->p, d->v + o, d->i + o, d->counts + o, d->pre_w, d->post_w,
+                                   d->depression_ratio, d->hidden_post + o);
+                else
+                    lif_block(n, T, x, d->p, d->v + o, d->i + o, d->counts + o);
+            }
+        }
+        for (int64_t b = b0; b < b0 + rows; b++) {
+            spikes += row_sum(H, d->counts + b * H);
+            if (d->rate_ema)
+                for (int64_t h = 0; h < H; h++) rate_sum[h] += d->counts[b * H + h];
+            finish_world(d, b, wout_t, feedback, probs, &logit_total);
         }
     }
-    sums[1] = spikes;
-    sums[2] = logit_total;
+    if (d->rate_ema) {
+        const float keep = 1.0f - d->rate_alpha, gain = d->rate_alpha / (float)T;
+        for (int64_t h = 0; h < H; h++) d->rate_ema[h] = d->rate_ema[h] * keep + gain * (rate_sum[h] / (float)B);
+    }
+    d->sums[1] = spikes;
+    d->sums[2] = logit_total;
     return 0;
 }
 
-/* The gradient of the spike counts of T steps with respect to a constant input x, through
- * Norse's SuperSpike surrogate (dz/dv' = 1 / (|v' - v_th| + 1)^2, also through the reset),
- * for R rows: given x, the state before (v0, i0) and g = dL/dcounts (R, H), writes gx (R, H).
- * The forward is recomputed from (x, v0, i0), so nothing per step is stored between the
- * decision and the update. See gsnn.neurons._SurrogateDecision for the recursion.
- * scratch: T * CHUNK floats (v' of each step of one block). */
-void gsnn_surrogate_backward(int64_t R, int64_t H, int64_t T, const float *x, const float *v0,
-                             const float *i0, const float *g, const float *p, float *gx,
-                             float *scratch) {
-    const float a = p[0], nds = p[1], vl = p[2], th = p[3], vr = p[4];
-    const float one_minus_a = 1.0f - a, one_minus_b = 1.0f + nds;
-    for (int64_t r = 0; r < R; r++) {
-        for (int64_t h0 = 0; h0 < H; h0 += CHUNK) {
-            const int64_t n = H - h0 < CHUNK ? H - h0 : CHUNK, o = r * H + h0;
-            float v[CHUNK], i[CHUNK], gv[CHUNK], gi[CHUNK], acc[CHUNK];
-            for (int64_t k = 0; k < n; k++) {
-                v[k] = v0[o + k];
-                i[k] = i0[o + k];
-                gv[k] = gi[k] = acc[k] = 0.0f;
-            }
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t k = 0; k < n; k++) {
-                    const float inew = i[k] + x[o + k];
-                    const float vp = v[k] + a * ((vl - v[k]) + inew);
-                    i[k] = inew + nds * inew;
-                    scratch[t * CHUNK + k] = vp;
-                    v[k] = (vp - th) > 0.0f ? vr : vp;
-                }
-            for (int64_t t = T - 1; t >= 0; t--)
-                for (int64_t k = 0; k < n; k++) {
-                    const float vp = scratch[t * CHUNK + k];
-                    const float d = fabsf(vp - th) + 1.0f;
-                    const float s = 1.0f / (d * d);
-                    const float through = ((vp - th) > 0.0f ? 0.0f : 1.0f) + (vr - vp) * s;
-                    const float gvp = gv[k] * through + g[o + k] * s;
-                    const float gn = gi[k] * one_minus_b + a * gvp;
-                    acc[k] += gn;
-                    gv[k] = gvp * one_minus_a;
-                    gi[k] = gn;
-                }
-            for (int64_t k = 0; k < n; k++) gx[o + k] = acc[k];
-        }
+/* The surrogate gradient of a block of n neurons' T-step spike counts with respect to their
+ * constant input: given x, the state before (v0, i0) and g = dL/dcounts, writes gx. Norse's
+ * SuperSpike surrogate dz/dv' = 1 / (|v' - v_th| + 1)^2, also through the reset; the forward is
+ * recomputed from (x, v0, i0), so nothing per step is stored between the decision and the
+ * update. The recursion is gsnn.neurons.surrogate_backward_torch's. vps: T * HBLOCK floats. */
+/* surrogate_block for 32 neurons, four groups of eight interleaved (the same arithmetic). */
+static inline void surrogate_32(int64_t T, const float *restrict x, const float *restrict v0,
+                                const float *restrict i0, const float *restrict g, const float *restrict p,
+                                float *restrict gx, float *restrict counts, float *restrict vps) {
+    const vf8 q[5] = {splat8(p[0]), splat8(p[1]), splat8(p[2]), splat8(p[3]), splat8(p[4])};
+    const vf8 a = q[0], one = splat8(1.0f), one_minus_a = splat8(1.0f - p[0]), one_minus_b = splat8(1.0f + p[1]);
+    const vi8 sign = (vi8)splat8(-0.0f);
+    vf8 v[4], i[4], xj[4], c[4];
+    for (int k = 0; k < 4; k++) {
+        v[k] = load8(v0 + k * LANES);
+        i[k] = load8(i0 + k * LANES);
+        xj[k] = load8(x + k * LANES);
+        c[k] = splat8(0.0f);
     }
+    for (int64_t t = 0; t < T; t++)
+        for (int k = 0; k < 4; k++) { /* the forward as the C decision, recording v' */
+            const vf8 inew = i[k] + xj[k];
+            const vf8 vp = v[k] + a * ((q[2] - v[k]) + inew);
+            i[k] = inew + q[1] * inew;
+            store8(vps + (t * 4 + k) * LANES, vp);
+            const vi8 spike = (vp - q[3]) > splat8(0.0f);
+            c[k] += (vf8)(spike & (vi8)one);
+            v[k] = select8(spike, q[4], vp);
+        }
+    for (int k = 0; k < 4; k++) store8(counts + k * LANES, c[k]);
+    vf8 gv[4], gi[4], acc[4], gj[4];
+    for (int k = 0; k < 4; k++) {
+        gv[k] = gi[k] = acc[k] = splat8(0.0f);
+        gj[k] = load8(g + k * LANES);
+    }
+    for (int64_t t = T - 1; t >= 0; t--)
+        for (int k = 0; k < 4; k++) {
+            const vf8 vp = load8(vps + (t * 4 + k) * LANES);
+            const vf8 over = vp - q[3];
+            const vf8 d = (vf8)((vi8)over & ~sign) + one; /* |v' - v_th| + 1 */
+            const vf8 s = one / (d * d);
+            const vf8 not_spiked = (vf8)(~(over > splat8(0.0f)) & (vi8)one); /* 1 - z */
+            const vf8 through = not_spiked + (q[4] - vp) * s;
+            const vf8 gvp = gv[k] * through + gj[k] * s;
+            const vf8 gn = gi[k] * one_minus_b + a * gvp;
+            acc[k] += gn;
+            gv[k] = gvp * one_minus_a;
+            gi[k] = gn;
+        }
+    for (int k = 0; k < 4; k++) store8(gx + k * LANES, acc[k]);
 }
 
-/* out (N, H) += sum over rows r and inputs n with obs[r, n] != 0 of obs[r, n] * G[r, :]:
- * obs^T @ G for a sparse obs (R, N), as the input weights' gradient needs it. */
-void gsnn_sparse_outer_add(int64_t R, int64_t N, int64_t H, const float *obs, const float *G, float *out) {
-    for (int64_t r = 0; r < R; r++) {
-        const float *restrict o = obs + r * N;
-        const float *restrict gr = G + r * H;
-        for (int64_t n = 0; n < N; n++) {
-            const float w = o[n];
-            if (w == 0.0f) continue;
-            axpy(H, w, gr, out + n * H);
-        }
+static void surrogate_block(int64_t n, int64_t T, const float *restrict x, const float *restrict v0,
+                            const float *restrict i0, const float *restrict g, const float *restrict p,
+                            float *restrict gx, float *restrict counts, float *restrict vps) {
+    if (n == HBLOCK) {
+        for (int64_t j = 0; j < HBLOCK; j += 4 * LANES)
+            surrogate_32(T, x + j, v0 + j, i0 + j, g + j, p, gx + j, counts + j, vps);
+        return;
     }
+    const float a = p[0], nds = p[1], vl = p[2], th = p[3], vr = p[4];
+    const float one_minus_a = 1.0f - a, one_minus_b = 1.0f + nds;
+    float v[HBLOCK], i[HBLOCK], gv[HBLOCK], gi[HBLOCK], acc[HBLOCK];
+    for (int64_t k = 0; k < n; k++) {
+        v[k] = v0[k];
+        i[k] = i0[k];
+        gv[k] = gi[k] = acc[k] = counts[k] = 0.0f;
+    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < n; k++) {
+            const float inew = i[k] + x[k];
+            const float vp = v[k] + a * ((vl - v[k]) + inew);
+            i[k] = inew + nds * inew;
+            vps[t * HBLOCK + k] = vp;
+            counts[k] += (vp - th) > 0.0f ? 1.0f : 0.0f;
+            v[k] = (vp - th) > 0.0f ? vr : vp;
+        }
+    for (int64_t t = T - 1; t >= 0; t--)
+        for (int64_t k = 0; k < n; k++) {
+            const float vp = vps[t * HBLOCK + k];
+            const float d = fabsf(vp - th) + 1.0f;
+            const float s = 1.0f / (d * d);
+            const float through = ((vp - th) > 0.0f ? 0.0f : 1.0f) + (vr - vp) * s;
+            const float gvp = gv[k] * through + g[k] * s;
+            const float gn = gi[k] * one_minus_b + a * gvp;
+            acc[k] += gn;
+            gv[k] = gvp * one_minus_a;
+            gi[k] = gn;
+        }
+    for (int64_t k = 0; k < n; k++) gx[k] = acc[k];
+}
+
+/* Readout gradient of one row on a block: acc[a * HBLOCK + h] += counts[h] * coef[a]. */
+static inline void readout_block(int64_t n, int64_t A, const float *restrict counts, const float *restrict coef,
+                                 float *restrict acc) {
+    for (int64_t a = 0; a < A; a++) axpy_block(n, coef[a], counts, acc + a * HBLOCK);
+}
+
+/* acc (A, HBLOCK) into out (H, A) at rows [h0, h0 + n). */
+static inline void readout_store(int64_t n, int64_t A, int64_t h0, const float *restrict acc, float *restrict out) {
+    for (int64_t h = 0; h < n; h++)
+        for (int64_t a = 0; a < A; a++) out[(h0 + h) * A + a] = acc[a * HBLOCK + h];
+}
+
+/* REINFORCE's backward below the logits, for R decisions (rows), each recomputed from what it
+ * started from: the observation obs_r (R, N) and the LIF state (v0_r, i0_r) (R, H). Per row:
+ * x = input current (W (N, H), bias), the T LIF steps giving counts and v'_t; then the readout's
+ * gradient gWout (H, A) += counts^T g_logits_r, g_counts = g_logits_r @ wout^T (wout (H, A))
+ * through the steps (surrogate_block) to gx, into the hidden bias gb (H) += gx and the input
+ * weights of the row's active inputs gW (N, H) += obs_r^T gx. Every output is written.
+ * Returns 0, or -1 if out of memory. */
+int gsnn_reinforce_backward(int64_t R, int64_t N, int64_t H, int64_t T, int64_t A, const float *obs,
+                            const float *v0, const float *i0, const float *g_logits, const float *W,
+                            const float *bias, const float *wout, const float *p, float *gW, float *gb,
+                            float *gWout) {
+    float *wout_t = malloc(sizeof(float) * (size_t)(A * H + T * HBLOCK + 2 * N * HBLOCK + A * HBLOCK));
+    int64_t *start = NULL;
+    int32_t *cols = NULL;
+    float *vals = NULL;
+    if (!wout_t || scan_all_rows(R, N, obs, &start, &cols, &vals) != 0) {
+        free(wout_t);
+        return -1;
+    }
+    float *vps = wout_t + A * H, *g_block = vps + T * HBLOCK, *w_block = g_block + N * HBLOCK,
+          *ro = w_block + N * HBLOCK;
+    transpose(H, A, wout, wout_t);
+    memset(gW, 0, sizeof(float) * (size_t)(N * H));
+    for (int64_t h0 = 0; h0 < H; h0 += HBLOCK) {
+        const int64_t n = H - h0 < HBLOCK ? H - h0 : HBLOCK;
+        block_copy(N, H, h0, n, (float *)W, w_block, 0);
+        memset(g_block, 0, sizeof(float) * (size_t)(N * n));
+        memset(ro, 0, sizeof(float) * (size_t)(A * HBLOCK));
+        float bias_grad[HBLOCK] = {0};
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t o = r * H + h0, na = start[r + 1] - start[r];
+            float x[HBLOCK], counts[HBLOCK], g_counts[HBLOCK], gx[HBLOCK];
+            input_block(n, n, (int32_t)na, cols + start[r], vals + start[r], w_block, bias + h0, x);
+            for (int64_t h = 0; h < n; h++) g_counts[h] = 0.0f;
+            for (int64_t a = 0; a < A; a++) axpy_block(n, g_logits[r * A + a], wout_t + a * H + h0, g_counts);
+            surrogate_block(n, T, x, v0 + o, i0 + o, g_counts, p, gx, counts, vps);
+            readout_block(n, A, counts, g_logits + r * A, ro);
+            for (int64_t h = 0; h < n; h++) bias_grad[h] += gx[h];
+            scatter_block(n, (int32_t)na, cols + start[r], vals + start[r], 1.0f, 0, gx, g_block);
+        }
+        block_copy(N, H, h0, n, gW, g_block, 1);
+        for (int64_t h = 0; h < n; h++) gb[h0 + h] = bias_grad[h];
+        readout_store(n, A, h0, ro, gWout);
+    }
+    free(wout_t);
+    free(start);
+    free(cols);
+    free(vals);
+    return 0;
+}
+
+/* R-STDP's update directions for R decisions (rows), each decision's eligibility weighted by
+ * its advantage w_r and the sum scaled by `scale` (gsnn.plasticity: scale = -1 / R):
+ *   dW (N, H) = scale sum_r w_r obs_r^T hidden_post_r,   db (H) = scale sum_r w_r hidden_post_r,
+ *   dWout (H, A) = scale sum_r counts_r^T (w_r action_post_r),  dbout (A) = scale sum_r w_r action_post_r.
+ * obs (R, N); hidden_post, counts (R, H); action_post (R, A); w (R). Every output is written.
+ * Returns 0, or -1 if out of memory. */
+int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const float *obs, const float *hidden_post,
+                          const float *counts, const float *action_post, const float *w, float scale, float *dW,
+                          float *db, float *dWout, float *dbout) {
+    float *block = malloc(sizeof(float) * (size_t)(N * HBLOCK + A * HBLOCK + A));
+    int64_t *start = NULL;
+    int32_t *cols = NULL;
+    float *vals = NULL;
+    if (!block || scan_all_rows(R, N, obs, &start, &cols, &vals) != 0) {
+        free(block);
+        return -1;
+    }
+    float *ro = block + N * HBLOCK, *coef = ro + A * HBLOCK;
+    for (int64_t a = 0; a < A; a++) dbout[a] = 0.0f;
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t a = 0; a < A; a++) dbout[a] += w[r] * action_post[r * A + a];
+    for (int64_t a = 0; a < A; a++) dbout[a] *= scale;
+    memset(dW, 0, sizeof(float) * (size_t)(N * H));
+    for (int64_t h0 = 0; h0 < H; h0 += HBLOCK) {
+        const int64_t n = H - h0 < HBLOCK ? H - h0 : HBLOCK;
+        float bias[HBLOCK];
+        memset(block, 0, sizeof(float) * (size_t)(N * n));
+        memset(ro, 0, sizeof(float) * (size_t)(A * HBLOCK));
+        for (int64_t h = 0; h < n; h++) bias[h] = 0.0f;
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t o = r * H + h0;
+            axpy_block(n, w[r], hidden_post + o, bias);
+            for (int64_t a = 0; a < A; a++) coef[a] = w[r] * action_post[r * A + a];
+            readout_block(n, A, counts + o, coef, ro);
+            scatter_block(n, (int32_t)(start[r + 1] - start[r]), cols + start[r], vals + start[r], w[r], 1,
+                          hidden_post + o, block);
+        }
+        for (int64_t k = 0; k < N * n; k++) block[k] *= scale;
+        block_copy(N, H, h0, n, dW, block, 1);
+        for (int64_t h = 0; h < n; h++) db[h0 + h] = bias[h] * scale;
+        for (int64_t k = 0; k < A * HBLOCK; k++) ro[k] *= scale;
+        readout_store(n, A, h0, ro, dWout);
+    }
+    free(block);
+    free(start);
+    free(cols);
+    free(vals);
+    return 0;
+}
+
+/* Discounted returns, then advantages, of a rollout of L steps of B worlds (gsnn.plasticity):
+ * G_t = r_t + discount * G_{t+1} * (1 - done_t) with G_L = 0; centred on the mean over worlds
+ * of each step (over the whole rollout when B == 1); divided by (their standard deviation over
+ * the rollout + 1e-6). Computed in double; rewards (L, B), dones (L, B) bytes, adv (L, B) out.
+ * Returns 0, or -1 if out of memory. */
+int gsnn_advantages(int64_t L, int64_t B, const float *rewards, const uint8_t *dones, double discount,
+                    float *adv) {
+    const int64_t n = L * B;
+    double *running = malloc(sizeof(double) * (size_t)B);
+    if (!running) return -1;
+    for (int64_t b = 0; b < B; b++) running[b] = 0.0;
+    for (int64_t t = L - 1; t >= 0; t--)
+        for (int64_t b = 0; b < B; b++) {
+            running[b] = rewards[t * B + b] + discount * running[b] * (dones[t * B + b] ? 0.0 : 1.0);
+            adv[t * B + b] = (float)running[b];
+        }
+    free(running);
+    double total = 0.0;
+    for (int64_t k = 0; k < n; k++) total += adv[k];
+    for (int64_t t = 0; t < L; t++) {
+        double mean = 0.0;
+        if (B == 1)
+            mean = total / (double)n;
+        else {
+            for (int64_t b = 0; b < B; b++) mean += adv[t * B + b];
+            mean /= (double)B;
+        }
+        for (int64_t b = 0; b < B; b++) adv[t * B + b] = (float)(adv[t * B + b] - mean);
+    }
+    double sum = 0.0, squares = 0.0;
+    for (int64_t k = 0; k < n; k++) sum += adv[k];
+    for (int64_t k = 0; k < n; k++) {
+        const double centred = adv[k] - sum / (double)n;
+        squares += centred * centred;
+    }
+    const double scale = sqrt(squares / (double)n) + 1e-6;
+    for (int64_t k = 0; k < n; k++) adv[k] = (float)(adv[k] / scale);
+    return 0;
+}
+
+/* Sum of squares of n floats, in double (for the global gradient norm). */
+double gsnn_sum_squares(int64_t n, const float *x) {
+    double part[4] = {0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4)
+        for (int j = 0; j < 4; j++) part[j] += (double)x[k + j] * x[k + j];
+    for (; k < n; k++) part[0] += (double)x[k] * x[k];
+    return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+/* One Adam step on n elements, torch.optim.Adam's arithmetic (default options) in one pass, with
+ * the gradient scaled first (the global-norm clip): g = grad * scale; m += (1 - beta1) (g - m);
+ * v = v beta2 + (1 - beta2) g g; param += -step_size m / (sqrt(v) / bias2_sqrt + eps). Returns
+ * the sum of the updated parameters (not finite if any parameter is not). */
+double gsnn_adam(int64_t n, float *param, const float *grad, float *m, float *v, float scale, float beta1,
+                 float beta2, float step_size, float bias2_sqrt, float eps) {
+    const float w1 = 1.0f - beta1, w2 = 1.0f - beta2, neg_step = -step_size;
+    for (int64_t k = 0; k < n; k++) {
+        const float g = grad[k] * scale;
+        m[k] = m[k] + w1 * (g - m[k]);
+        v[k] = v[k] * beta2 + w2 * g * g;
+        param[k] = param[k] + neg_step * m[k] / (sqrtf(v[k]) / bias2_sqrt + eps);
+    }
+    return row_sum(n, param);
 }

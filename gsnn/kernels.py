@@ -2,20 +2,26 @@
 (``gsnn/kernels.c``, built by ``gsnn.native``) and torch ops on any device (the GPU path, and the
 CPU fallback where no C compiler is found).
 
-- ``decide``: one decision of B worlds: input current from the active inputs, T LIF steps,
-  optionally the readout logits and their argmax, the STDP factors, and what a learner keeps.
-- ``surrogate_backward``: dL/dx of the spike counts through Norse's SuperSpike surrogate.
-- ``sparse_outer``: obs^T @ G for a sparse observation batch (input-weight gradients).
+- ``decide``: one decision of B worlds: input current from the active inputs, T LIF steps, the
+  readout, the action (argmax, or sampled from softmax with given uniform numbers), the firing
+  rate statistics, and what a learning rule keeps of the decision, written where it is asked to
+  be (the organism's rollout buffers).
+- ``reinforce_backward``: REINFORCE's gradient below the logits: through the readout, the T LIF
+  steps of every decision (Norse's SuperSpike surrogate) and the input weights of active inputs.
+- ``rstdp_directions``: R-STDP's update, each decision's eligibility weighted by its advantage
+  (the input weights' part touches only the active inputs of each decision).
+- ``advantages``, ``sum_squares``, ``adam_step``: the rest of an update (returns and advantages,
+  the gradient norm, Adam), one pass each instead of a dozen small torch ops.
 
-``tests/test_kernels.py`` checks the two implementations against each other and the LIF steps
-against Norse's ``lif_feed_forward_step``.
+``tests/test_kernels.py`` runs every check on both implementations: the LIF steps against
+Norse's ``lif_feed_forward_step``, the gradient against autograd through Norse's steps.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,15 +31,31 @@ from gsnn import native
 from gsnn.neurons import LIFConstants, lif_decision_fast, surrogate_backward_torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
-_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+CHUNK_ROWS, HBLOCK = 256, 64  # kernels.c: rows per chunk, neurons per block
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class DecideArgs(ctypes.Structure):
+    """kernels.c's decide_args, field for field."""
+
+    _fields_ = [(name, _I) for name in ("B", "N", "H", "T", "A")] + [
+        (name, _P) for name in ("obs", "W", "bias", "p", "v", "i", "counts", "wout", "bout", "logits", "actions",
+                                "uniform", "obs_out", "x_out", "v0_out", "i0_out", "pre_w", "post_w")
+    ] + [("depression_ratio", _F), ("hidden_post", _P), ("action_post", _P), ("rate_ema", _P),
+         ("rate_alpha", _F), ("sums", ctypes.c_double * 3), ("scratch", _P), ("active", _P), ("vals", _P),
+         ("n_active", _P)]
+
+
+_D = ctypes.c_double
 SIGNATURES = {  # keep in step with gsnn/kernels.c
-    "gsnn_lif": ([_I, _I, _I] + [_P] * 9, None),
-    "gsnn_input_current": ([_I, _I, _I] + [_P] * 5, _D),
-    "gsnn_decide": ([_I, _I, _I, _I] + [_P] * 14 + [_I] + [_P] * 8, ctypes.c_int),
-    "gsnn_surrogate_backward": ([_I, _I, _I] + [_P] * 7, None),
-    "gsnn_sparse_outer_add": ([_I, _I, _I] + [_P] * 3, None),
+    "gsnn_decide": ([ctypes.POINTER(DecideArgs)], ctypes.c_int),
+    "gsnn_reinforce_backward": ([_I] * 5 + [_P] * 11, ctypes.c_int),  # obs, v0, i0, g_logits, W, b, W_out, p, 3 out
+    "gsnn_rstdp_directions": ([_I] * 4 + [_P] * 5 + [_F] + [_P] * 4, ctypes.c_int),
+    "gsnn_advantages": ([_I, _I, _P, _P, _D, _P], ctypes.c_int),
+    "gsnn_sum_squares": ([_I, _P], _D),
+    "gsnn_adam": ([_I] + [_P] * 4 + [_F] * 6, _D),
 }
-CHUNK = 64  # kernels.c: neurons per block of the surrogate backward
 
 
 def library():
@@ -41,8 +63,8 @@ def library():
     return native.load(SOURCE, SIGNATURES)
 
 
-def use_native(device: torch.device | str) -> bool:
-    return torch.device(device).type == "cpu" and library() is not None
+def use_native(device: torch.device) -> bool:
+    return device.type == "cpu" and library() is not None
 
 
 def _ptr(tensor: torch.Tensor | None):
@@ -56,95 +78,123 @@ def _c(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous()
 
 
-@dataclass
-class Decision:
-    """What ``decide`` returns. Sums are Python floats on the C path, 0-dim tensors otherwise."""
-
-    counts: torch.Tensor  # (B, H) spikes per neuron over the T steps
-    obs_sum: float | torch.Tensor  # sum of every observation value (NaN/Inf show here)
-    spikes: float | torch.Tensor  # sum of counts
-    logits: torch.Tensor | None = None  # (B, A)
-    actions: torch.Tensor | None = None  # (B,) int64 argmax of the logits
-    x: torch.Tensor | None = None  # (B, H) input current     } kept for a learner's update
-    v0: torch.Tensor | None = None  # (B, H) state before     }
-    i0: torch.Tensor | None = None  # (B, H) the decision     }
-    potentiation: torch.Tensor | None = None  # (B, H) STDP factors (gsnn.neurons.STDPFactors)
-    depression: torch.Tensor | None = None
-    logits_finite: bool = True
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("gsnn C kernel: out of memory for its scratch space")
 
 
 class NonFiniteObservation(ValueError):
     """The observation holds NaN or Inf; nothing was computed and the LIF state is untouched."""
 
 
+@dataclass
+class STDPOptions:
+    """R-STDP's per-decision record: step weights (``gsnn.neurons.stdp_step_weights``) and the
+    depression / potentiation ratio of ``hidden_post = (pot - ratio * dep) * feedback``."""
+
+    pre_weights: torch.Tensor  # (T,)
+    post_weights: torch.Tensor  # (T,)
+    depression_ratio: float
+
+
+@dataclass
+class Decision:
+    """What ``decide`` returns. The sums are Python floats on the C path, 0-dim tensors
+    otherwise. Learner outputs are None unless asked for."""
+
+    counts: torch.Tensor  # (B, H) spikes per neuron over the T steps
+    logits: torch.Tensor  # (B, A)
+    actions: torch.Tensor | None  # (B,) int64
+    obs_sum: float | torch.Tensor  # sum of every observation value
+    spikes: float | torch.Tensor  # sum of counts
+    logits_finite: bool
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # x, v0, i0, hidden_post, action_post
+
+
 class Workspace:
-    """Scratch buffers of the C path, reused between calls of one organism."""
+    """Scratch buffers kept by their owner (one per organism) between calls, so a decision
+    allocates nothing it does not hand out (fresh large buffers cost page faults every time)."""
 
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, size: int, dtype) -> torch.Tensor:
+    def get(self, name: str, size: int, dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < size or buffer.dtype != dtype:
-            buffer = torch.empty(max(size, 1), dtype=dtype)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype or buffer.device != torch.device(device):
+            buffer = torch.empty(max(size, 1), dtype=dtype, device=device)
             self._buffers[name] = buffer
         return buffer
 
 
 def decide(
     obs: torch.Tensor,  # (B, N)
-    input_weight: torch.Tensor,  # (N, H)
-    hidden_bias: torch.Tensor,  # (H,)
+    params: dict[str, torch.Tensor],  # input_weight (N, H), hidden_bias (H,), readout_weight (H, A), readout_bias (A,)
     lif: LIFConstants,
     v: torch.Tensor,  # (B, H), updated in place
     i: torch.Tensor,  # (B, H), updated in place
     steps: int,
-    readout: tuple[torch.Tensor, torch.Tensor] | None = None,  # (W_out (H, A), b_out (A,))
-    greedy: bool = False,
-    keep_inputs: bool = False,
-    stdp_weights: tuple[torch.Tensor, torch.Tensor] | None = None,  # (pre, post) (T,) step weights
+    choose: str | None = "greedy",  # "greedy" (argmax), "sample" (needs uniform), or None
+    uniform: torch.Tensor | None = None,  # (B,) in [0, 1)
+    keep: tuple[str, ...] = (),  # learner outputs: "obs", "x", "v0", "i0", "hidden_post", "action_post"
+    stdp: STDPOptions | None = None,  # needed for "hidden_post"
+    rate: tuple[torch.Tensor, float] | None = None,  # (rate_ema (H,), alpha): updated in place
+    out: dict[str, torch.Tensor] | None = None,  # where to write outputs (else they are allocated)
     workspace: Workspace | None = None,
 ) -> Decision:
     """One decision of B worlds. Raises ``NonFiniteObservation`` (state untouched) when the
-    observation is not finite."""
+    observation is not finite. ``out`` may hold preallocated tensors for "counts", "logits",
+    "actions" and any key of ``keep``; without them, counts and logits live in the workspace
+    (valid until its next use) and the rest is allocated."""
+    if choose not in ("greedy", "sample", None) or (choose == "sample") != (uniform is not None):
+        raise ValueError("choose='sample' needs uniform numbers; 'greedy' and None take none")
+    if "hidden_post" in keep and (stdp is None or choose != "sample"):
+        raise ValueError("hidden_post needs stdp options and a sampled action")
+    out = dict(out or {})
+    B, H, A = obs.shape[0], params["input_weight"].shape[1], params["readout_weight"].shape[1]
+    shapes = {"counts": (B, H), "logits": (B, A), "obs": tuple(obs.shape), "x": (B, H), "v0": (B, H), "i0": (B, H),
+              "hidden_post": (B, H), "action_post": (B, A)}
+    for name in ("counts", "logits"):  # scratch unless asked for: reused from the workspace
+        if name not in out:
+            size = shapes[name][0] * shapes[name][1]
+            out[name] = (workspace.get(name, size, torch.float32, obs.device)[:size].view(shapes[name])
+                         if workspace is not None else torch.empty(shapes[name], device=obs.device))
+    for name in keep:
+        if name not in out:
+            out[name] = torch.empty(shapes[name], device=obs.device)
+    if choose is not None and "actions" not in out:
+        out["actions"] = torch.empty(B, dtype=torch.int64, device=obs.device)
     if use_native(obs.device):
-        return _decide_native(obs, input_weight, hidden_bias, lif, v, i, steps, readout, greedy, keep_inputs,
-                              stdp_weights, workspace or Workspace())
-    return _decide_torch(obs, input_weight, hidden_bias, lif, v, i, steps, readout, greedy, keep_inputs,
-                         stdp_weights)
+        return _decide_native(obs, params, lif, v, i, steps, uniform, keep, stdp, rate, out, workspace or Workspace())
+    return _decide_torch(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, rate, out)
 
 
-def _decide_native(obs, W, b, lif, v, i, steps, readout, greedy, keep_inputs, stdp_weights, ws) -> Decision:
-    obs, W, b = _c(obs), _c(W), _c(b)
+def _decide_native(obs, params, lif, v, i, steps, uniform, keep, stdp, rate, out, ws) -> Decision:
+    obs = _c(obs)
+    W, b, wout, bout = (_c(params[k]) for k in ("input_weight", "hidden_bias", "readout_weight", "readout_bias"))
     B, N = obs.shape
-    H = W.shape[1]
-    counts = torch.empty(B, H)
-    x = v0 = i0 = pot = dep = logits = actions = None
-    if keep_inputs:
-        x, v0, i0 = torch.empty(B, H), torch.empty(B, H), torch.empty(B, H)
-    if stdp_weights is not None:
-        pot, dep = torch.empty(B, H), torch.empty(B, H)
-    A, wout, bout = 0, None, None
-    if readout is not None:
-        wout, bout = _c(readout[0]), _c(readout[1])
-        A = wout.shape[1]
-        logits = torch.empty(B, A)
-        if greedy:
-            actions = torch.empty(B, dtype=torch.int64)
-    sums = ws.get("sums", 3, torch.float64)
-    status = library().gsnn_decide(
-        B, N, H, steps, obs.data_ptr(), W.data_ptr(), b.data_ptr(), lif.tensor.data_ptr(), v.data_ptr(),
-        i.data_ptr(), counts.data_ptr(), _ptr(x), _ptr(v0), _ptr(i0),
-        *(_ptr(t) for t in (stdp_weights or (None, None))), _ptr(pot), _ptr(dep),
-        A, _ptr(wout), _ptr(bout), _ptr(logits), _ptr(actions), sums.data_ptr(),
-        ws.get("scratch", H + A * H, torch.float32).data_ptr(), ws.get("active", B * N, torch.int32).data_ptr(),
-        ws.get("n_active", B, torch.int32).data_ptr(),
+    H, A = W.shape[1], wout.shape[1]
+    args = DecideArgs(
+        B=B, N=N, H=H, T=steps, A=A, obs=obs.data_ptr(), W=W.data_ptr(), bias=b.data_ptr(), p=lif.tensor.data_ptr(),
+        v=v.data_ptr(), i=i.data_ptr(), counts=out["counts"].data_ptr(), wout=wout.data_ptr(), bout=bout.data_ptr(),
+        logits=out["logits"].data_ptr(), actions=_ptr(out.get("actions")),
+        uniform=_ptr(None if uniform is None else _c(uniform)),
+        obs_out=_ptr(out.get("obs")), x_out=_ptr(out.get("x")), v0_out=_ptr(out.get("v0")), i0_out=_ptr(out.get("i0")),
+        hidden_post=_ptr(out.get("hidden_post")), action_post=_ptr(out.get("action_post")),
+        scratch=ws.get("scratch", H * (A + 2) + A + N * HBLOCK, torch.float32).data_ptr(),
+        active=ws.get("active", min(B, CHUNK_ROWS) * N, torch.int32).data_ptr(),
+        vals=ws.get("vals", min(B, CHUNK_ROWS) * N, torch.float32).data_ptr(),
+        n_active=ws.get("n_active", min(B, CHUNK_ROWS), torch.int32).data_ptr(),
     )
-    obs_sum, spikes, logit_sum = sums[:3].tolist()
-    if status != 0:
+    if stdp is not None and "hidden_post" in keep:
+        args.pre_w, args.post_w = stdp.pre_weights.data_ptr(), stdp.post_weights.data_ptr()
+        args.depression_ratio = stdp.depression_ratio
+    if rate is not None:
+        args.rate_ema, args.rate_alpha = rate[0].data_ptr(), rate[1]
+    if library().gsnn_decide(ctypes.byref(args)) != 0:
         raise NonFiniteObservation("observation holds NaN or Inf")
-    return Decision(counts, obs_sum, spikes, logits, actions, x, v0, i0, pot, dep,
-                    logits_finite=readout is None or math.isfinite(logit_sum))
+    obs_sum, spikes, logit_sum = args.sums
+    return Decision(out["counts"], out["logits"], out.get("actions"), obs_sum, spikes, math.isfinite(logit_sum),
+                    {k: out[k] for k in keep})
 
 
 def input_current_torch(obs: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -160,50 +210,126 @@ def input_current_torch(obs: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> 
     return x + b
 
 
-def _decide_torch(obs, W, b, lif, v, i, steps, readout, greedy, keep_inputs, stdp_weights) -> Decision:
+def sample_actions(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The first action whose cumulative probability exceeds u (the last if rounding leaves the
+    total below u): inverse-CDF sampling, as kernels.c does it."""
+    below = (probs.cumsum(dim=1) <= uniform.unsqueeze(1)).sum(dim=1)
+    return below.clamp_max(probs.shape[1] - 1)
+
+
+@torch.no_grad()
+def _decide_torch(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, rate, out) -> Decision:
     obs_sum = obs.sum()
     if not bool(torch.isfinite(obs_sum)):
         raise NonFiniteObservation("observation holds NaN or Inf")
-    x = input_current_torch(obs, W, b)
-    v0, i0 = (v.clone(), i.clone()) if keep_inputs else (None, None)
-    counts, factors = lif_decision_fast(x, v, i, lif, steps, stdp_weights=stdp_weights)
-    logits = actions = None
-    finite = True
-    if readout is not None:
-        # F.linear with a contiguous (A, H) weight is about 4x faster on the CPU than addmm
-        logits = F.linear(counts, readout[0].T.contiguous(), readout[1])
-        finite = bool(torch.isfinite(logits).all())
-        if greedy:
-            actions = logits.argmax(dim=1)
-    return Decision(
-        counts, obs_sum, counts.sum(), logits, actions, x if keep_inputs else None, v0, i0,
-        None if factors is None else factors.potentiation, None if factors is None else factors.depression,
-        logits_finite=finite,
-    )
+    if "obs" in keep:
+        out["obs"].copy_(obs)
+    x = input_current_torch(obs, params["input_weight"], params["hidden_bias"])
+    for name, value in (("x", x), ("v0", v), ("i0", i)):
+        if name in keep:
+            out[name].copy_(value)
+    weights = (stdp.pre_weights, stdp.post_weights) if "hidden_post" in keep else None
+    counts, factors = lif_decision_fast(x, v, i, lif, steps, stdp_weights=weights)
+    out["counts"].copy_(counts)
+    W_out = params["readout_weight"]
+    # F.linear with a contiguous (A, H) weight is about 4x faster on the CPU than addmm with (H, A)
+    logits = torch.nn.functional.linear(counts, W_out.T.contiguous(), params["readout_bias"])
+    out["logits"].copy_(logits)
+    actions = out.get("actions")
+    if choose == "greedy":
+        actions.copy_(logits.argmax(dim=1))
+    elif choose == "sample":
+        probs = torch.softmax(logits, dim=1)
+        actions.copy_(sample_actions(probs, uniform))
+        if "action_post" in keep or "hidden_post" in keep:
+            action_post = F.one_hot(actions, logits.shape[1]).to(probs.dtype) - probs
+            if "action_post" in keep:
+                out["action_post"].copy_(action_post)
+            if "hidden_post" in keep:
+                feedback = action_post @ W_out.T
+                torch.mul(factors.potentiation - stdp.depression_ratio * factors.depression, feedback,
+                          out=out["hidden_post"])
+    if rate is not None:
+        rate_ema, alpha = rate
+        rate_ema.mul_(1 - alpha).add_(counts.mean(0), alpha=alpha / steps)
+    return Decision(out["counts"], out["logits"], actions, obs_sum, counts.sum(),
+                    bool(torch.isfinite(logits).all()), {k: out[k] for k in keep})
 
 
-def surrogate_backward(x: torch.Tensor, v0: torch.Tensor, i0: torch.Tensor, g: torch.Tensor,
-                       lif: LIFConstants, steps: int) -> torch.Tensor:
-    """dL/dx (R, H) for rows whose decision started from (v0, i0) with input current x, given
-    g = dL/dcounts: Norse's SuperSpike surrogate through T steps (see gsnn.neurons)."""
-    if not use_native(x.device):
-        return surrogate_backward_torch(x, v0, i0, g, lif, steps)
-    x, v0, i0, g = _c(x), _c(v0), _c(i0), _c(g)
-    R, H = x.shape
-    gx = torch.empty(R, H)
-    scratch = torch.empty(steps * CHUNK)
-    library().gsnn_surrogate_backward(R, H, steps, x.data_ptr(), v0.data_ptr(), i0.data_ptr(), g.data_ptr(),
-                                      lif.tensor.data_ptr(), gx.data_ptr(), scratch.data_ptr())
-    return gx
-
-
-def sparse_outer(obs: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """obs^T @ G, (N, H), for an observation batch obs (R, N) that is mostly zeros and G (R, H):
-    the C path touches only the non-zero entries (about 25 of 450 per row here)."""
+def reinforce_backward(obs: torch.Tensor, v0: torch.Tensor, i0: torch.Tensor, g_logits: torch.Tensor,
+                       params: dict[str, torch.Tensor], lif: LIFConstants, steps: int) -> dict[str, torch.Tensor]:
+    """The gradient of every parameter for R decisions (rows), given g_logits = dL/dlogits (R, A):
+    each decision is recomputed from its observation and the LIF state it started from (v0, i0),
+    then differentiated through the readout and Norse's SuperSpike surrogate over its T steps
+    (``gsnn.neurons.surrogate_backward_torch`` has the recursion). Keeping only (obs, v0, i0) per
+    decision, not the input current and spike counts as well, halves what a rollout stores and
+    what the update reads."""
+    W, b, W_out = params["input_weight"], params["hidden_bias"], params["readout_weight"]
+    (R, N), (H, A) = obs.shape, W_out.shape
+    grads = {"readout_bias": g_logits.sum(0)}
     if not use_native(obs.device):
-        return obs.T @ G
-    obs, G = _c(obs), _c(G)
-    (R, N), H = obs.shape, G.shape[1]
-    out = torch.zeros(N, H)
-    library().gsnn_sparse_outer_add(R, N, H, obs.data_ptr(), G.data_ptr(), out.data_ptr())
+        x = input_current_torch(obs, W, b)
+        counts, _ = lif_decision_fast(x, v0.clone(), i0.clone(), lif, steps)
+        gx = surrogate_backward_torch(x, v0, i0, g_logits @ W_out.T, lif, steps)
+        return dict(grads, input_weight=obs.T @ gx, hidden_bias=gx.sum(0), readout_weight=counts.T @ g_logits)
+    obs, v0, i0, g_logits, W, b, W_out = map(_c, (obs, v0, i0, g_logits, W, b, W_out))
+    grads.update(input_weight=torch.empty(N, H), hidden_bias=torch.empty(H), readout_weight=torch.empty(H, A))
+    _check(library().gsnn_reinforce_backward(
+        R, N, H, steps, A, obs.data_ptr(), v0.data_ptr(), i0.data_ptr(), g_logits.data_ptr(), W.data_ptr(),
+        b.data_ptr(), W_out.data_ptr(), lif.tensor.data_ptr(), grads["input_weight"].data_ptr(),
+        grads["hidden_bias"].data_ptr(), grads["readout_weight"].data_ptr()))
+    return grads
+
+
+def rstdp_directions(obs: torch.Tensor, hidden_post: torch.Tensor, counts: torch.Tensor,
+                     action_post: torch.Tensor, weights: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+    """R-STDP's update directions for R decisions (rows; see ``gsnn.plasticity.rstdp_directions``):
+    each decision's eligibility weighted by ``weights`` (its advantage), summed, times ``scale``."""
+    if not use_native(obs.device):
+        hidden_mod, action_mod = hidden_post * weights.unsqueeze(1), action_post * weights.unsqueeze(1)
+        return {"input_weight": (obs.T @ hidden_mod).mul_(scale), "hidden_bias": hidden_mod.sum(0).mul_(scale),
+                "readout_weight": (counts.T @ action_mod).mul_(scale), "readout_bias": action_mod.sum(0).mul_(scale)}
+    obs, hidden_post, counts, action_post, weights = map(_c, (obs, hidden_post, counts, action_post, weights))
+    (R, N), (H, A) = obs.shape, (counts.shape[1], action_post.shape[1])
+    out = {"input_weight": torch.empty(N, H), "hidden_bias": torch.empty(H), "readout_weight": torch.empty(H, A),
+           "readout_bias": torch.empty(A)}
+    _check(library().gsnn_rstdp_directions(
+        R, N, H, A, obs.data_ptr(), hidden_post.data_ptr(), counts.data_ptr(), action_post.data_ptr(),
+        weights.data_ptr(), scale, *(out[k].data_ptr() for k in ("input_weight", "hidden_bias", "readout_weight",
+                                                                  "readout_bias"))))
     return out
+
+
+def advantages(rewards: torch.Tensor, dones: torch.Tensor, discount: float) -> torch.Tensor:
+    """(L, B) advantages of a rollout: discounted returns, centred per step, scaled to unit
+    standard deviation (``gsnn.plasticity.discounted_returns`` and ``advantages`` are the torch
+    twin and the definition)."""
+    from gsnn import plasticity
+
+    if not use_native(rewards.device):
+        return plasticity.advantages(plasticity.discounted_returns(rewards, dones, discount))
+    rewards, dones = _c(rewards), dones.contiguous()
+    L, B = rewards.shape
+    adv = torch.empty(L, B)
+    _check(library().gsnn_advantages(L, B, rewards.data_ptr(), dones.data_ptr(), discount, adv.data_ptr()))
+    return adv
+
+
+def sum_squares(tensors) -> float:
+    """Sum of the squares of every element of every tensor (NaN or Inf if any is not finite)."""
+    tensors = list(tensors)
+    if not use_native(tensors[0].device):
+        return float(torch.stack([t.double().square().sum() for t in tensors]).sum())
+    return sum(library().gsnn_sum_squares(t.numel(), _c(t).data_ptr()) for t in tensors)
+
+
+def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+              scale: float, beta1: float, beta2: float, step_size: float, bias2_sqrt: float, eps: float) -> float:
+    """One Adam step of one parameter in place (``gsnn.adam`` has the formula) with the gradient
+    multiplied by ``scale`` first. Returns the sum of the new parameter values (not finite if any
+    is not). Every tensor must be contiguous float32 on the CPU (the C path only)."""
+    for tensor in (param, exp_avg, exp_avg_sq):
+        if not tensor.is_contiguous() or tensor.dtype != torch.float32 or tensor.shape != param.shape:
+            raise ValueError("adam_step updates contiguous float32 tensors of one shape in place")
+    return library().gsnn_adam(param.numel(), param.data_ptr(), _c(grad).data_ptr(), exp_avg.data_ptr(),
+                               exp_avg_sq.data_ptr(), scale, beta1, beta2, step_size, bias2_sqrt, eps)

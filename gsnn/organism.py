@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from gsnn import checkpoint, kernels, plasticity
 from gsnn.adam import Adam
@@ -101,6 +100,57 @@ class EnergyMeter:
         return {key: total / self.world_decisions for key, total in sums.items()}
 
 
+class Rollout:
+    """The decisions of one learning rollout, recorded in place.
+
+    Each recorded quantity lives in a buffer of shape (rollout_length, B, ...) allocated at the
+    first decision of a batch size and hidden size and reused while they last (growth and pruning
+    happen between rollouts), so a decision writes its record into the next slot (the C decision
+    kernel writes there directly) with no allocation, and the update reads the filled part
+    without stacking anything."""
+
+    def __init__(self):
+        self.decisions = 0  # decisions recorded
+        self.rewarded = 0  # of which learn_feedback gave the rewards
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.decisions
+
+    def slots(self, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], index: int, length: int,
+              device: torch.device) -> dict[str, torch.Tensor]:
+        """Views of slot ``index`` of each buffer of ``spec`` (name -> (shape, dtype)), the
+        buffers (re)allocated with ``length`` slots if they do not fit (only at slot 0)."""
+        for name, (shape, dtype) in spec.items():
+            buffer = self._buffers.get(name)
+            if buffer is None or buffer.shape[1:] != shape or buffer.shape[0] <= index or buffer.dtype != dtype:
+                if index:
+                    raise RuntimeError(f"rollout buffer {name} changed shape in the middle of a rollout")
+                self._buffers[name] = torch.empty((max(length, index + 1), *shape), dtype=dtype, device=device)
+        return {name: self._buffers[name][index] for name in spec}
+
+    def record_feedback(self, reward: torch.Tensor, done: torch.Tensor, length: int) -> None:
+        """The rewards of the oldest decision that has none yet."""
+        if self.rewarded >= self.decisions:
+            raise RuntimeError("learn_feedback without a decision to reward (call learn_act first)")
+        spec = {"reward": ((reward.shape[0],), torch.float32), "done": ((done.shape[0],), torch.bool)}
+        slots = self.slots(spec, self.rewarded, length, reward.device)
+        slots["reward"].copy_(reward)
+        slots["done"].copy_(done)
+        self.rewarded += 1
+
+    def view(self, name: str) -> torch.Tensor:
+        """The filled part of one buffer, (decisions, B, ...)."""
+        return self._buffers[name][: self.decisions]
+
+    def complete(self) -> bool:
+        """Every recorded decision has its rewards."""
+        return self.decisions > 0 and self.rewarded == self.decisions
+
+    def clear(self) -> None:
+        self.decisions = self.rewarded = 0
+
+
 class Organism:
     def __init__(self, config: OrganismConfig | None = None, device: str | torch.device = "cpu"):
         self.config = (config or OrganismConfig()).validate()
@@ -121,7 +171,7 @@ class Organism:
         self.energy = EnergyMeter(self.config)
         self.v: torch.Tensor | None = None  # (B, H) membrane potential per world
         self.i: torch.Tensor | None = None  # (B, H) synaptic current per world
-        self._rollout: list[dict[str, torch.Tensor]] = []
+        self._rollout = Rollout()
         self._consecutive_nonfinite = 0
 
     # -- shape ---------------------------------------------------------------------------------
@@ -240,7 +290,7 @@ class Organism:
         H = self.hidden_neurons
         self.v = torch.full((batch_size, H), float(self.config.v_leak), device=self.device)
         self.i = torch.zeros(batch_size, H, device=self.device)
-        self._rollout = []
+        self._rollout = Rollout()  # a new one: evaluation keeps the learner's (gsnn.train.evaluate)
 
     def reset_worlds(self, done: torch.Tensor) -> None:
         """Worlds whose episode ended start their next one from a resting state."""
@@ -261,18 +311,13 @@ class Organism:
             raise ValueError(f"observation has {obs.shape[1]} values per world, expected {self.config.n_inputs}")
         return obs
 
-    def _decide(self, obs: torch.Tensor, greedy: bool = False, keep_inputs: bool = False,
-                stdp: bool = False) -> kernels.Decision:
-        """One decision of every world (``gsnn.kernels.decide``), with the readout; NaN or Inf
-        in the observation or the logits raise ``NonFiniteError``."""
+    def _decide(self, obs: torch.Tensor, **options) -> kernels.Decision:
+        """One decision of every world (``gsnn.kernels.decide`` with ``options``); NaN or Inf in
+        the observation or the logits raise ``NonFiniteError``."""
         self._ensure_state(obs.shape[0])
-        p = self.params
         try:
-            decision = kernels.decide(
-                obs, p["input_weight"], p["hidden_bias"], self.lif, self.v, self.i, self.config.snn_steps,
-                readout=(p["readout_weight"], p["readout_bias"]), greedy=greedy, keep_inputs=keep_inputs,
-                stdp_weights=self._stdp_weights if stdp else None, workspace=self._workspace,
-            )
+            decision = kernels.decide(obs, self.params, self.lif, self.v, self.i, self.config.snn_steps,
+                                      workspace=self._workspace, **options)
         except kernels.NonFiniteObservation:
             raise NonFiniteError(
                 f"observation holds NaN or Inf at decision step {self.stats.decision_steps}"
@@ -282,49 +327,50 @@ class Organism:
         self.energy.add(decision.obs_sum, decision.spikes, obs.shape[0], self.hidden_neurons)
         return decision
 
-    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Actions drawn from softmax(logits) with the organism's own stream, and the probabilities."""
-        probs = torch.softmax(logits, dim=1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1), probs
+    def _uniform(self, batch: int) -> torch.Tensor:
+        """Uniform numbers in [0, 1) from the organism's own stream, one per world, for sampling."""
+        return torch.rand(batch, generator=self.generator, device=self.device)
 
     @torch.no_grad()
     def act(self, obs: torch.Tensor, greedy: bool = True) -> torch.Tensor:
         """Decide for every world without learning (fast path). greedy: argmax, else sample."""
-        decision = self._decide(self._flatten(obs), greedy=greedy)
-        return decision.actions if greedy else self._sample(decision.logits)[0]
+        obs = self._flatten(obs)
+        if greedy:
+            return self._decide(obs, choose="greedy").actions
+        return self._decide(obs, choose="sample", uniform=self._uniform(obs.shape[0])).actions
 
     @torch.no_grad()
     def learn_act(self, obs: torch.Tensor) -> torch.Tensor:
-        """Decide (sampling) and remember what the learning rule needs for this decision."""
+        """Decide (sampling) and record what the learning rule needs of this decision in the
+        rollout (REINFORCE: the observation, starting state, logits and action; R-STDP: the
+        observation, counts, post factor and action_post)."""
         obs = self._flatten(obs)
-        c = self.config
+        c, (B, N), H = self.config, obs.shape, self.hidden_neurons
+        f32 = torch.float32
+        spec = {"obs": ((B, N), f32), "logits": ((B, c.n_actions), f32), "actions": ((B,), torch.int64)}
         if c.learning_rule == "reinforce":
-            d = self._decide(obs, keep_inputs=True)
-            actions, _ = self._sample(d.logits)
-            self._rollout.append({"obs": obs, "x": d.x, "v0": d.v0, "i0": d.i0, "counts": d.counts,
-                                  "logits": d.logits, "actions": actions})
+            keep = ("obs", "v0", "i0")
+            spec.update({name: ((B, H), f32) for name in ("v0", "i0")})
+            stdp = None
         else:
-            d = self._decide(obs, stdp=True)
-            actions, probs = self._sample(d.logits)
-            action_post = F.one_hot(actions, c.n_actions).to(probs.dtype) - probs
-            feedback = action_post @ self.params["readout_weight"].T
-            stdp = plasticity.stdp_post_factor(d.potentiation, d.depression, c.stdp_depression)
-            self._rollout.append({
-                "obs": obs, "hidden_post": stdp * feedback, "counts": d.counts, "action_post": action_post,
-            })
-        alpha = 1.0 / c.rate_window
-        self.rate_ema.mul_(1 - alpha).add_(d.counts.mean(0), alpha=alpha / c.snn_steps)
-        return actions
+            keep = ("obs", "hidden_post", "action_post")
+            spec.update(counts=((B, H), f32), hidden_post=((B, H), f32), action_post=((B, c.n_actions), f32))
+            stdp = kernels.STDPOptions(*self._stdp_weights, c.stdp_depression)
+        self._ensure_state(B)  # before the slots: a new batch size starts a new rollout
+        slots = self._rollout.slots(spec, self._rollout.decisions, c.rollout_length, self.device)
+        decision = self._decide(obs, choose="sample", uniform=self._uniform(B), keep=keep, stdp=stdp,
+                                rate=(self.rate_ema, 1.0 / c.rate_window), out=slots)
+        self._rollout.decisions += 1
+        return decision.actions.clone()  # the slot is reused by later rollouts
 
     def learn_feedback(self, reward: torch.Tensor, done: torch.Tensor) -> bool:
         """Give the rewards of the last decision; returns True when an update was made (which
         is also when growth and pruning may happen)."""
-        step = self._rollout[-1]
-        step["reward"] = reward.to(self.device, torch.float32)
-        step["done"] = done.to(self.device)
+        done = done.to(self.device)
+        self._rollout.record_feedback(reward.to(self.device, torch.float32), done, self.config.rollout_length)
         self.stats.decision_steps += 1
-        self.reset_worlds(step["done"])
-        if len(self._rollout) < self.config.rollout_length:
+        self.reset_worlds(done)
+        if self._rollout.rewarded < self.config.rollout_length:
             return False
         self._update()
         self.structural_step()
@@ -334,28 +380,24 @@ class Organism:
     @torch.no_grad()
     def _update(self) -> None:
         c, rollout = self.config, self._rollout
-        rewards = torch.stack([s["reward"] for s in rollout])
-        dones = torch.stack([s["done"] for s in rollout])
-        adv = plasticity.advantages(plasticity.discounted_returns(rewards, dones, c.discount))
-        stacked = lambda key: torch.stack([s[key] for s in rollout])  # noqa: E731
+        adv = kernels.advantages(rollout.view("reward"), rollout.view("done"), c.discount)
         if c.learning_rule == "reinforce":
             grads = plasticity.reinforce_gradients(
-                stacked("obs"), stacked("x"), stacked("v0"), stacked("i0"), stacked("counts"), stacked("logits"),
-                stacked("actions"), adv, c.entropy_coef, self.params["readout_weight"], self.lif, c.snn_steps,
+                *(rollout.view(k) for k in ("obs", "v0", "i0", "logits", "actions")),
+                adv, c.entropy_coef, self.params, self.lif, c.snn_steps,
             )
         else:
             grads = plasticity.rstdp_directions(
-                stacked("obs"), stacked("hidden_post"), stacked("counts"), stacked("action_post"), adv,
+                *(rollout.view(k) for k in ("obs", "hidden_post", "counts", "action_post")), adv,
             )
-        self._rollout = []
+        rollout.clear()
         self._apply_gradients(grads)
 
     def _apply_gradients(self, grads: dict[str, torch.Tensor]) -> None:
         """Clip the update to ``grad_clip`` (global norm, as torch.nn.utils.clip_grad_norm_) and
         take an Adam step; a non-finite update is skipped and counted (see the config)."""
-        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
-        total = torch.linalg.vector_norm(norms)
-        if not bool(torch.isfinite(total)):
+        total = math.sqrt(kernels.sum_squares(grads.values()))
+        if not math.isfinite(total):
             self.stats.nonfinite_updates_skipped += 1
             self._consecutive_nonfinite += 1
             if self._consecutive_nonfinite > self.config.max_nonfinite_updates:
@@ -366,12 +408,11 @@ class Organism:
                 )
             return
         self._consecutive_nonfinite = 0
-        scale = torch.clamp(self.config.grad_clip / (total + 1e-6), max=1.0)
-        self.optimizer.step({name: g.mul_(scale) for name, g in grads.items()})
+        scale = min(1.0, self.config.grad_clip / (total + 1e-6))
+        finite = self.optimizer.step(grads, scale)
         self.stats.updates += 1
-        for name, param in self.params.items():
-            if not bool(torch.isfinite(param).all()):
-                raise NonFiniteError(f"parameter {name} became non-finite after update {self.stats.updates}")
+        if not finite:
+            raise NonFiniteError(f"a parameter became non-finite after update {self.stats.updates}")
 
     @torch.no_grad()
     def perturb_weights(self, scale: float) -> None:
@@ -394,7 +435,7 @@ class Organism:
     def finish_rollout(self) -> bool:
         """Learn from a partly filled rollout now (the end of a lifetime or generation), so no
         decision is lost and the organism can be checkpointed. Returns True if it updated."""
-        if not self._rollout or "reward" not in self._rollout[-1]:
+        if not self._rollout.complete():
             return False
         self._update()
         self.structural_step()
@@ -403,7 +444,7 @@ class Organism:
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: shape, weights, optimizer, statistics, RNG."""
-        if self._rollout:
+        if len(self._rollout):
             raise RuntimeError("state_dict() in the middle of a rollout; call it between updates")
         cpu = lambda t: t.detach().to("cpu").clone()  # noqa: E731
         return {
@@ -455,7 +496,7 @@ class Organism:
         else:
             self.v = lif_state["v"].to(self.device).clone()
             self.i = lif_state["i"].to(self.device).clone()
-        self._rollout = []
+        self._rollout = Rollout()
         self._consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         assert self.hidden_neurons == H
 

@@ -7,9 +7,9 @@ moments the same way whichever rule is in use.
 
 REINFORCE's gradient is written out rather than taken by autograd (``reinforce_gradients``): the
 policy's logit gradient in closed form, then back through the readout, through the T LIF steps
-of every decision by Norse's SuperSpike surrogate (``gsnn.kernels.surrogate_backward``, the
-forward recomputed from the state each decision started from), and into the input weights of
-the active inputs only (``gsnn.kernels.sparse_outer``). ``tests/test_kernels.py`` checks it
+of every decision by Norse's SuperSpike surrogate (each decision recomputed from its observation
+and the state it started from), and into the input weights of the active inputs only
+(``gsnn.kernels.reinforce_backward``). ``tests/test_kernels.py`` checks it
 against autograd through Norse's steps and ``reinforce_loss``.
 
 Reward-modulated STDP (three factors, no gradients). Within a decision each active input spikes
@@ -81,15 +81,13 @@ def policy_logit_gradient(logits: torch.Tensor, actions: torch.Tensor, adv: torc
 
 def reinforce_gradients(
     observations: torch.Tensor,  # (L, B, N)
-    x: torch.Tensor,  # (L, B, H)  input current of each decision
     v0: torch.Tensor,  # (L, B, H)  LIF state each decision started from
     i0: torch.Tensor,  # (L, B, H)
-    counts: torch.Tensor,  # (L, B, H)  hidden spike counts
     logits: torch.Tensor,  # (L, B, A)
     actions: torch.Tensor,  # (L, B)
     adv: torch.Tensor,  # (L, B)
     entropy_coef: float,
-    readout_weight: torch.Tensor,  # (H, A)
+    params: dict[str, torch.Tensor],
     lif,  # gsnn.neurons.LIFConstants
     steps: int,
 ) -> dict[str, torch.Tensor]:
@@ -98,20 +96,8 @@ def reinforce_gradients(
     L, B, A = logits.shape
     rows = L * B
     g_logits = policy_logit_gradient(logits, actions, adv, entropy_coef).reshape(rows, A)
-    counts = counts.reshape(rows, -1)
-    g_counts = g_logits @ readout_weight.T
-    gx = kernels.surrogate_backward(x.reshape(rows, -1), v0.reshape(rows, -1), i0.reshape(rows, -1), g_counts,
-                                    lif, steps)
-    return {
-        "input_weight": kernels.sparse_outer(observations.reshape(rows, -1), gx),
-        "hidden_bias": gx.sum(0),
-        "readout_weight": counts.T @ g_logits,
-        "readout_bias": g_logits.sum(0),
-    }
-
-
-def stdp_post_factor(potentiation: torch.Tensor, depression: torch.Tensor, depression_ratio: float) -> torch.Tensor:
-    return potentiation - depression_ratio * depression
+    flat = lambda t: t.reshape(rows, -1)  # noqa: E731
+    return kernels.reinforce_backward(flat(observations), flat(v0), flat(i0), g_logits, params, lif, steps)
 
 
 def rstdp_directions(
@@ -121,15 +107,10 @@ def rstdp_directions(
     action_post: torch.Tensor,  # (L, B, A)  onehot(action) - pi
     adv: torch.Tensor,  # (L, B)
 ) -> dict[str, torch.Tensor]:
-    """Descent directions (the negative of the reward-modulated change) for each parameter."""
+    """Descent directions (the negative of the reward-modulated change) for each parameter:
+    each decision's eligibility weighted by its advantage, summed over the rollout."""
     L, B, _ = observations.shape
-    n = float(L * B)
-    weight = adv.unsqueeze(2)
-    hidden_mod = (hidden_post * weight).reshape(L * B, -1)
-    action_mod = (action_post * weight).reshape(L * B, -1)
-    return {
-        "input_weight": kernels.sparse_outer(observations.reshape(L * B, -1), hidden_mod).div_(-n),
-        "hidden_bias": -hidden_mod.sum(0) / n,
-        "readout_weight": -(counts.reshape(L * B, -1).T @ action_mod) / n,
-        "readout_bias": -action_mod.sum(0) / n,
-    }
+    rows = L * B
+    flat = lambda t: t.reshape(rows, -1)  # noqa: E731
+    return kernels.rstdp_directions(flat(observations), flat(hidden_post), flat(counts), flat(action_post),
+                                    adv.reshape(rows), -1.0 / rows)
