@@ -198,28 +198,30 @@ def watched(tmp_path_factory):
 
 # Watches Ray's state API (what the dashboard shows) in its own process, as a user's script would,
 # with the run's token (~/.ray/auth_token in the HOME shared with the run; the auth mode is read
-# when ray is imported). Prints the alive actors the first time every organism's actor is alive.
+# when ray is imported). Prints every organism actor it saw alive, once it has seen as many as there
+# are organisms (a tiny run's generations take seconds, so it collects them over its polls).
 WATCH_ACTORS = """
 import json, sys, time
 from ray.util.state import list_actors
 address, organisms, deadline = sys.argv[1], int(sys.argv[2]), time.time() + float(sys.argv[3])
-actors = []
-while time.time() < deadline:
+seen = {}
+while time.time() < deadline and len(seen) < organisms:
     try:
         actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True,
                              raise_on_missing_output=False)
     except Exception:  # the dashboard may still be starting
         actors = []
-    if sum(a.class_name == "OrganismTrainable" for a in actors) >= organisms:
-        break
+    for a in actors:
+        if a.class_name == "OrganismTrainable":
+            seen[a.actor_id] = {k: getattr(a, k) for k in ("actor_id", "class_name", "state", "pid")}
     time.sleep(0.2)
-print(json.dumps([{k: getattr(a, k) for k in ("actor_id", "class_name", "state", "pid")} for a in actors]))
+print(json.dumps(list(seen.values())))
 """
 
 
 def watch_actors(dashboard_port: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", WATCH_ACTORS, f"http://127.0.0.1:{dashboard_port}", str(POP), "120"],
+        [sys.executable, "-c", WATCH_ACTORS, f"http://127.0.0.1:{dashboard_port}", str(POP), str(LINGER // 2)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, RAY_AUTH_MODE="token"))
 
 
@@ -305,9 +307,9 @@ def test_metric_values_agree_with_summary(watched):
 
 def test_organisms_appear_in_rays_state_api(watched):
     organisms = [a for a in watched["actors"] if a["class_name"] == "OrganismTrainable"]
-    assert len(organisms) == POP, [a["class_name"] for a in watched["actors"]]
+    assert len(organisms) >= POP, watched["actors"]
     assert all(a["state"] == "ALIVE" and a["pid"] for a in organisms)
-    assert len({a["actor_id"] for a in organisms}) == POP
+    assert len({a["actor_id"] for a in organisms}) == len(organisms)
 
 
 def test_local_instance_listens_on_loopback_only(watched):
