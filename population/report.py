@@ -25,7 +25,8 @@ COLUMNS = (
     "weight_noise", "grow_events_total", "neurons_added_total", "prune_events_total",
     "neurons_removed_total", "exploited_from", "exploit_source_hidden_neurons",
     "exploit_own_hidden_neurons", "inherited_from", "decisions_per_second", "learn_seconds", "eval_seconds",
-    "slot_wait_seconds", "time_this_iter_s", "finished_at", "device",
+    "compute_cpu_seconds",
+    "slot_wait_seconds", "time_this_iter_s", "finished_at", "device", "actor_pid",
 )
 
 

@@ -169,6 +169,7 @@ def build_tuner(config: run_config.RunConfig, run_dir: Path, resume: bool, print
 
     from population.metrics import PopulationMetrics
     from population.report import GenerationLog
+    from population.searcher import PopulationSearch
     from population.trainable import OrganismTrainable
 
     trainable = tune.with_resources(OrganismTrainable, organism_resources(config))
@@ -208,7 +209,8 @@ def build_tuner(config: run_config.RunConfig, run_dir: Path, resume: bool, print
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1, reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=PopulationSearch(config.population.size), scheduler=scheduler,
+                                    num_samples=1, reuse_actors=True),
         run_config=tune.RunConfig(
             name=TUNE_DIR,
             storage_path=str(run_dir),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class OrganismTrainable(tune.Trainable):
     def _live_one_generation(self) -> dict:
         organism, pop = self.organism, self.pop
         stats_before = _event_counts(organism)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         self.obs, finished = live(
             organism, self.env, int(pop["episodes_per_generation"]) * self.world.max_steps, self.obs
         )
@@ -89,6 +90,7 @@ class OrganismTrainable(tune.Trainable):
         t0 = time.perf_counter()
         result = evaluate(organism, eval_env, seed=int(pop["eval_seed"]) + generation)
         eval_seconds = time.perf_counter() - t0
+        cpu_seconds = time.thread_time() - cpu_start
         fitness = result["fitness"]
         if not math.isfinite(fitness):  # never hand PBT a NaN: it would drop this trial from ranking
             fitness = 0.0
@@ -115,10 +117,14 @@ class OrganismTrainable(tune.Trainable):
             "decisions_per_second": decisions / max(learn_seconds, 1e-9),
             "learn_seconds": learn_seconds,
             "eval_seconds": eval_seconds,
+            # CPU time of this actor's thread over learning + evaluation: below their wall time when
+            # other processes took the core (a CPU share of the organism's own compute)
+            "compute_cpu_seconds": cpu_seconds,
             "exploited_from": self.exploited_from or "",
             "exploit_source_hidden_neurons": self.exploit_source_hidden or 0,
             "exploits": self.exploits,
             "device": self.device.type,
+            "actor_pid": os.getpid(),  # one per organism for the whole run: exploits reuse the actor
             "finished_at": time.time(),  # float seconds (Tune's own timestamp is whole seconds)
             **{f"{k}_total": v for k, v in counts.items()},
             **{f"{k}_this_generation": counts[k] - stats_before[k] for k in counts},

@@ -240,3 +240,27 @@ def test_a_killed_actor_is_restored_from_its_checkpoint(tmp_path):
         run.kill_everything()
     assert code == 0, out
     assert_complete(run.rows())
+
+
+def test_population_search_stays_open_until_every_trial_has_ended():
+    """Tune keeps an exploited trial's actor for reuse only while the search is unfinished: the
+    search must not finish when its last trial is created, only when every trial has ended, and
+    that count must survive a restore (Tuner.restore reloads the search's saved state)."""
+    from ray import tune
+
+    from population.searcher import PopulationSearch
+
+    tune.register_trainable("gsnn_test_noop", lambda config: None)
+    search = PopulationSearch(3)
+    search.add_configurations({"experiment": {"run": "gsnn_test_noop", "config": {"x": tune.grid_search([1, 2, 3])}}})
+    trials = [search.next_trial() for _ in range(3)]
+    assert all(t is not None for t in trials) and search.next_trial() is None
+    assert not search.is_finished()  # every trial created, none ended: still open
+    search.on_trial_complete(trials[0].trial_id)
+    search.on_trial_complete(trials[1].trial_id, error=True)
+    assert not search.is_finished()
+    restored = PopulationSearch(3)
+    restored.set_state(search.get_state())
+    assert restored.trials_ended == 2 and not restored.is_finished()
+    restored.on_trial_complete(trials[2].trial_id)
+    assert restored.is_finished()
