@@ -203,17 +203,6 @@ def _rate_of(walls: list[float], cpus: list[float], units: int) -> Rate:
     )
 
 
-def repeat_timed(run: Callable[[], None], units: int, repeats: int) -> Rate:
-    """Time ``repeats`` calls of ``run()``, each doing ``units`` units of work."""
-    walls, cpus = [], []
-    for _ in range(repeats):
-        wall0, cpu0 = time.perf_counter(), time.thread_time()
-        run()
-        cpus.append(time.thread_time() - cpu0)
-        walls.append(time.perf_counter() - wall0)
-    return _rate_of(walls, cpus, units)
-
-
 def interleaved(runs: dict[str, tuple[Callable[[int], None], int]], settings: "Settings",
                 repeats: int | None = None) -> dict[str, Rate]:
     """Rates of several runs measured side by side: ``runs`` maps a name to ``(run, units)``
@@ -246,19 +235,6 @@ def ratio(a: Rate | dict, b: Rate | dict) -> float:
     a_rates = a.rates if isinstance(a, Rate) else a["rates"]
     b_rates = b.rates if isinstance(b, Rate) else b["rates"]
     return statistics.median(x / y for x, y in zip(a_rates, b_rates))
-
-
-def timed_rate(run: Callable[[int], None], units_per_call: int, settings: Settings) -> Rate:
-    """``run(n)`` does n calls of ``units_per_call`` units each. Warm up for ``warmup_seconds``,
-    pick n so that one repeat lasts about ``repeat_seconds``, then time ``repeats`` repeats."""
-    run(1)
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < settings.warmup_seconds or calls < 2:
-        run(1)
-        calls += 1
-    per_call = (time.perf_counter() - start) / calls
-    n = max(1, round(settings.repeat_seconds / per_call))
-    return repeat_timed(lambda: run(n), n * units_per_call, settings.repeats)
 
 
 # -- 1. the organism evaluating, 3. the naive reference, 4. the dense matrix rate ------------------
@@ -405,7 +381,7 @@ def measure_env(batch: int, settings: Settings, seed: int = 0) -> dict:
             env.step(actions[position])
             position = (position + 1) % len(actions)
 
-    return {"batch": batch, "steps_per_s": asdict(timed_rate(run, batch, settings))}
+    return {"batch": batch, "steps_per_s": asdict(interleaved({"env": (run, batch)}, settings)["env"])}
 
 
 # -- 2. the organism learning ----------------------------------------------------------------------
@@ -651,14 +627,7 @@ def measure_matmul(settings: Settings) -> dict:
     shapes = {"256x450@450x512": (256, 450, 512), "1024x1024@1024x1024": (1024, 1024, 1024)}
     results = {}
     for name, (m, k, n) in shapes.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        out = torch.empty(m, n)
-
-        def run(calls: int) -> None:
-            for _ in range(calls):
-                torch.mm(a, b, out=out)
-
-        rate = timed_rate(run, 1, settings)
+        rate = interleaved({name: (matmul_run(m, k, n), 1)}, settings)[name]
         gflops = 2.0 * m * k * n / 1e9
         results[name] = {"gflops": gflops * rate.median, "gflops_low": gflops * rate.low,
                          "gflops_high": gflops * rate.high, "gflops_per_cpu_second": gflops * rate.cpu_median,

@@ -248,27 +248,40 @@ static inline int32_t scan_row(int64_t N, const float *restrict obs, int32_t *re
 }
 
 /* The active inputs of all R rows, compactly: row r's are cols[start[r]:start[r + 1]] with
- * values vals[...]. The arrays are malloc'ed (free them); returns 0, or -1 if out of memory. */
-static int scan_all_rows(int64_t R, int64_t N, const float *obs, int64_t **start, int32_t **cols, float **vals) {
+ * values vals[...] (malloc'ed; free_rows releases them). */
+typedef struct {
+    int64_t *start;
+    int32_t *cols;
+    float *vals;
+} active_rows;
+
+static void free_rows(active_rows *a) {
+    free(a->start);
+    free(a->cols);
+    free(a->vals);
+}
+
+/* Returns 0, or -1 if out of memory (with nothing left allocated). */
+static int scan_all_rows(int64_t R, int64_t N, const float *obs, active_rows *a) {
     int64_t total = 0;
-    *start = malloc(sizeof(int64_t) * (size_t)(R + 1));
-    if (!*start) return -1;
+    a->start = malloc(sizeof(int64_t) * (size_t)(R + 1));
+    a->cols = NULL;
+    a->vals = NULL;
+    if (!a->start) return -1;
     for (int64_t r = 0; r < R; r++) {
         int32_t count = 0;
         for (int64_t n = 0; n < N; n++) count += obs[r * N + n] != 0.0f;
-        (*start)[r] = total;
+        a->start[r] = total;
         total += count;
     }
-    (*start)[R] = total;
-    *cols = malloc(sizeof(int32_t) * (size_t)(total + N)); /* + N: scan_row writes up to N per row */
-    *vals = malloc(sizeof(float) * (size_t)(total + N));
-    if (!*cols || !*vals) {
-        free(*start);
-        free(*cols);
-        free(*vals);
+    a->start[R] = total;
+    a->cols = malloc(sizeof(int32_t) * (size_t)(total + N)); /* + N: scan_row writes up to N per row */
+    a->vals = malloc(sizeof(float) * (size_t)(total + N));
+    if (!a->cols || !a->vals) {
+        free_rows(a);
         return -1;
     }
-    for (int64_t r = 0; r < R; r++) scan_row(N, obs + r * N, *cols + (*start)[r], *vals + (*start)[r]);
+    for (int64_t r = 0; r < R; r++) scan_row(N, obs + r * N, a->cols + a->start[r], a->vals + a->start[r]);
     return 0;
 }
 
@@ -592,10 +605,8 @@ int gsnn_reinforce_backward(int64_t R, int64_t N, int64_t H, int64_t T, int64_t 
                             const float *bias, const float *wout, const float *p, float *gW, float *gb,
                             float *gWout) {
     float *wout_t = malloc(sizeof(float) * (size_t)(A * H + T * HBLOCK + 2 * N * HBLOCK + A * HBLOCK));
-    int64_t *start = NULL;
-    int32_t *cols = NULL;
-    float *vals = NULL;
-    if (!wout_t || scan_all_rows(R, N, obs, &start, &cols, &vals) != 0) {
+    active_rows act;
+    if (!wout_t || scan_all_rows(R, N, obs, &act) != 0) {
         free(wout_t);
         return -1;
     }
@@ -610,24 +621,23 @@ int gsnn_reinforce_backward(int64_t R, int64_t N, int64_t H, int64_t T, int64_t 
         memset(ro, 0, sizeof(float) * (size_t)(A * HBLOCK));
         float bias_grad[HBLOCK] = {0};
         for (int64_t r = 0; r < R; r++) {
-            const int64_t o = r * H + h0, na = start[r + 1] - start[r];
+            const int64_t o = r * H + h0, s = act.start[r];
+            const int32_t na = (int32_t)(act.start[r + 1] - s);
             float x[HBLOCK], counts[HBLOCK], g_counts[HBLOCK], gx[HBLOCK];
-            input_block(n, n, (int32_t)na, cols + start[r], vals + start[r], w_block, bias + h0, x);
+            input_block(n, n, na, act.cols + s, act.vals + s, w_block, bias + h0, x);
             for (int64_t h = 0; h < n; h++) g_counts[h] = 0.0f;
             for (int64_t a = 0; a < A; a++) axpy_block(n, g_logits[r * A + a], wout_t + a * H + h0, g_counts);
             surrogate_block(n, T, x, v0 + o, i0 + o, g_counts, p, gx, counts, vps);
             readout_block(n, A, counts, g_logits + r * A, ro);
             for (int64_t h = 0; h < n; h++) bias_grad[h] += gx[h];
-            scatter_block(n, (int32_t)na, cols + start[r], vals + start[r], 1.0f, 0, gx, g_block);
+            scatter_block(n, na, act.cols + s, act.vals + s, 1.0f, 0, gx, g_block);
         }
         block_copy(N, H, h0, n, gW, g_block, 1);
         for (int64_t h = 0; h < n; h++) gb[h0 + h] = bias_grad[h];
         readout_store(n, A, h0, ro, gWout);
     }
     free(wout_t);
-    free(start);
-    free(cols);
-    free(vals);
+    free_rows(&act);
     return 0;
 }
 
@@ -641,10 +651,8 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
                           const float *counts, const float *action_post, const float *w, float scale, float *dW,
                           float *db, float *dWout, float *dbout) {
     float *block = malloc(sizeof(float) * (size_t)(N * HBLOCK + A * HBLOCK + A));
-    int64_t *start = NULL;
-    int32_t *cols = NULL;
-    float *vals = NULL;
-    if (!block || scan_all_rows(R, N, obs, &start, &cols, &vals) != 0) {
+    active_rows act;
+    if (!block || scan_all_rows(R, N, obs, &act) != 0) {
         free(block);
         return -1;
     }
@@ -665,8 +673,9 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
             axpy_block(n, w[r], hidden_post + o, bias);
             for (int64_t a = 0; a < A; a++) coef[a] = w[r] * action_post[r * A + a];
             readout_block(n, A, counts + o, coef, ro);
-            scatter_block(n, (int32_t)(start[r + 1] - start[r]), cols + start[r], vals + start[r], w[r], 1,
-                          hidden_post + o, block);
+            const int64_t s = act.start[r];
+            scatter_block(n, (int32_t)(act.start[r + 1] - s), act.cols + s, act.vals + s, w[r], 1, hidden_post + o,
+                          block);
         }
         for (int64_t k = 0; k < N * n; k++) block[k] *= scale;
         block_copy(N, H, h0, n, dW, block, 1);
@@ -675,9 +684,7 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
         readout_store(n, A, h0, ro, dWout);
     }
     free(block);
-    free(start);
-    free(cols);
-    free(vals);
+    free_rows(&act);
     return 0;
 }
 
