@@ -8,11 +8,20 @@ gauge ``gsnn_fitness`` is scraped as ``ray_gsnn_fitness`` and a counter ``gsnn_g
 
 The shipped Grafana dashboard (``docker/grafana/dashboards/gsnn.json``) queries exactly these
 names; ``tests/test_monitoring.py`` evaluates every panel against a real Prometheus.
+
+Ray's exporter forgets a gauge that has not been set for a while (its agent evicts values older
+than two report intervals; with Ray 2.60 and the local instance's 2 s interval a gauge set once
+disappeared after about 20 s), so a value set once at the end of a generation would vanish from
+Prometheus before the next one, and the final values during the linger. ``keep_gauges_exported`` re-sets every gauge with its latest
+value in a driver thread for as long as the run (and its final linger) lasts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import weakref
 
 from ray import tune
 from ray.util.metrics import Counter, Gauge
@@ -64,6 +73,12 @@ class PopulationMetrics(tune.Callback):
     ``run`` labels every series, so two runs on one Prometheus stay apart. A result with a
     non-finite value leaves that gauge at its last finite value (NaN never reaches a panel)."""
 
+    # The instance of each run that last received a result in this process, for
+    # keep_gauges_exported. Tune may copy its callbacks (a resumed run's are unpickled); the copy
+    # that receives results takes over from the old one (and its latest values), so two copies
+    # never re-set one gauge with different values.
+    _live: "weakref.WeakValueDictionary[str, PopulationMetrics]" = weakref.WeakValueDictionary()
+
     def __init__(self, run: str):
         self.run = run
         self._gauges = {name: Gauge(name, description=desc, tag_keys=TAGS)
@@ -74,29 +89,100 @@ class PopulationMetrics(tune.Callback):
                                  tag_keys=TAGS)
         self._population = {name: Gauge(name, description=desc, tag_keys=("run",))
                             for name, desc in POPULATION_GAUGES.items()}
-        self._latest: dict[str, dict] = {}  # trial id -> its latest result
+        self._latest: dict[str, dict] = {}  # trial id -> result key -> latest finite value
+        self._lock = threading.Lock()  # record (Tune's thread) against refresh (the keeper's)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _take_over(self) -> None:
+        previous = PopulationMetrics._live.get(self.run)
+        if previous is not None and previous is not self:
+            with previous._lock:
+                self._latest = {**self._latest, **{t: dict(v) for t, v in previous._latest.items()}}
+        PopulationMetrics._live[self.run] = self
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.record(trial.trial_id, result)
 
     def record(self, trial_id: str, result: dict) -> None:
+        if PopulationMetrics._live.get(self.run) is not self:
+            self._take_over()
+        with self._lock:
+            tags = {"trial_id": trial_id, "run": self.run}
+            for name, (key, _) in ORGANISM_COUNTERS.items():
+                value = _finite(result.get(key))
+                if value is not None and value > 0:
+                    self._counters[name].inc(value, tags=tags)
+            if result.get("exploited_from"):
+                self._exploits.inc(1, tags=tags)
+            # Keep the last finite value of each gauge, so a refresh re-sets what was set.
+            latest = self._latest.setdefault(trial_id, {})
+            for key, _ in ORGANISM_GAUGES.values():
+                value = _finite(result.get(key))
+                if value is not None:
+                    latest[key] = value
+            self._set_gauges(trial_id)
+            self._set_population()
+
+    def refresh(self) -> None:
+        """Set every gauge again with its latest value (Ray's exporter drops gauges left unset)."""
+        with self._lock:
+            for trial_id in self._latest:
+                self._set_gauges(trial_id)
+            self._set_population()
+
+    def _set_gauges(self, trial_id: str) -> None:
         tags = {"trial_id": trial_id, "run": self.run}
         for name, (key, _) in ORGANISM_GAUGES.items():
-            value = _finite(result.get(key))
+            value = self._latest[trial_id].get(key)
             if value is not None:
                 self._gauges[name].set(value, tags=tags)
-        for name, (key, _) in ORGANISM_COUNTERS.items():
-            value = _finite(result.get(key))
-            if value is not None and value > 0:
-                self._counters[name].inc(value, tags=tags)
-        if result.get("exploited_from"):
-            self._exploits.inc(1, tags=tags)
-        self._latest[trial_id] = result
-        fitness = [f for f in (_finite(r.get("fitness")) for r in self._latest.values()) if f is not None]
-        hidden = [h for h in (_finite(r.get("hidden_neurons")) for r in self._latest.values()) if h is not None]
+
+    def _set_population(self) -> None:
+        fitness = [r["fitness"] for r in self._latest.values() if "fitness" in r]
+        hidden = [r["hidden_neurons"] for r in self._latest.values() if "hidden_neurons" in r]
         tags = {"run": self.run}
         if fitness:
             self._population["gsnn_population_best_fitness"].set(max(fitness), tags=tags)
             self._population["gsnn_population_mean_fitness"].set(sum(fitness) / len(fitness), tags=tags)
         self._population["gsnn_population_hidden_neurons"].set(sum(hidden), tags=tags)
         self._population["gsnn_population_organisms"].set(len(self._latest), tags=tags)
+
+
+def refresh_interval_seconds(default_report_ms: int) -> float:
+    """Half of Ray's metrics report interval: Ray's agent keeps a gauge for two intervals after it
+    last received it, so re-setting twice per interval never lets a series lapse."""
+    try:
+        import ray
+
+        report_ms = ray._config.metrics_report_interval_ms()
+    except Exception:  # not connected, or a Ray without this accessor
+        report_ms = default_report_ms
+    return max(report_ms, 1000) / 2000
+
+
+@contextlib.contextmanager
+def keep_gauges_exported(interval: float):
+    """While the block runs, a daemon thread re-sets every gauge of every PopulationMetrics in this
+    process every ``interval`` seconds (see the module docstring)."""
+    stop = threading.Event()
+
+    def keep():
+        while not stop.wait(interval):
+            for metrics in list(PopulationMetrics._live.values()):
+                metrics.refresh()
+
+    thread = threading.Thread(target=keep, name="gsnn-metrics-refresh", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)

@@ -351,22 +351,26 @@ def main(argv=None) -> int:
         def printer(line: str) -> None:
             print(line, flush=True)
 
-        results = build_tuner(config, run_dir, resume, printer=printer).fit()
-        results = resume_lost_organisms(config, run_dir, results, printer)
-        elapsed = time.time() - started
-        from population import report
+        from population.metrics import keep_gauges_exported, refresh_interval_seconds
 
-        rows = report.read_rows(run_dir)
-        best = best_organism(results)
-        references = reference_food(config)
-        summary = report.write_summary(
-            run_dir, config.to_dict(), rows, config.population.size, best,
-            extra={"references": references, "wall_seconds": elapsed,
-                   "errors": [str(r.error) for r in results if r.error is not None]},
-        )
-        report.write_plots(run_dir, summary["generations"])
-        print_outcome(summary, best, references, run_dir, elapsed)
-        linger_for_final_scrape(config.ray.metrics_linger_seconds)
+        # From the first result to the end of the linger, the latest values stay in Prometheus.
+        with keep_gauges_exported(refresh_interval_seconds(METRICS_REPORT_MS)):
+            results = build_tuner(config, run_dir, resume, printer=printer).fit()
+            results = resume_lost_organisms(config, run_dir, results, printer)
+            elapsed = time.time() - started
+            from population import report
+
+            rows = report.read_rows(run_dir)
+            best = best_organism(results)
+            references = reference_food(config)
+            summary = report.write_summary(
+                run_dir, config.to_dict(), rows, config.population.size, best,
+                extra={"references": references, "wall_seconds": elapsed,
+                       "errors": [str(r.error) for r in results if r.error is not None]},
+            )
+            report.write_plots(run_dir, summary["generations"])
+            print_outcome(summary, best, references, run_dir, elapsed)
+            linger_for_final_scrape(config.ray.metrics_linger_seconds)
     finally:
         ray.shutdown()
 

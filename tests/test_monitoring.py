@@ -30,6 +30,9 @@ PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus" / "prometheus.yml"
 DATASOURCES = ROOT / "docker" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 COMPOSE = ROOT / "docker" / "docker-compose.yml"
 LINGER = 120  # seconds the run would keep its final metrics up; the test ends it sooner with Ctrl-C
+# The final values are read this long into the linger: well past the ~20 s after which Ray's exporter
+# forgets a gauge nobody sets again (measured with Ray 2.60 at the run's 2 s report interval).
+STILL_THERE_AFTER = 35
 # Grafana's built-in variables, as Grafana would expand them for a short, finely scraped run.
 GRAFANA_VARIABLES = {"$__rate_interval": "15s", "$__interval": "1s", "${__interval}": "1s"}
 
@@ -165,6 +168,7 @@ def watched(tmp_path_factory):
             if line.startswith("generation   1/") and "sockets" not in seen:
                 seen["sockets"] = listening_sockets([run.process.pid, *descendants(run.process.pid)])
             if line.startswith("metrics: keeping the final values"):
+                linger_started = time.time()
                 break
         else:
             raise AssertionError("the run did not finish in time:\n" + "".join(output))
@@ -173,12 +177,13 @@ def watched(tmp_path_factory):
         seen["actors"] = json.loads(out)
         rows = list(csv.DictReader(open(run.run_dir / "generations.csv")))
         trials = sorted({r["trial_id"] for r in rows})
-        # Wait until Prometheus has scraped every organism's final generation.
-        deadline = time.time() + LINGER - 5
+        # Wait until Prometheus has scraped every organism's final generation, and still has it
+        # well after the last result (the run keeps its gauges exported through the linger).
+        deadline = linger_started + LINGER - 5
         while True:
             now = time.time()
             final = prometheus.instant(f"max by (trial_id) (ray_gsnn_generation) == {GENERATIONS}", now)
-            if sorted(s["metric"]["trial_id"] for s in final) == trials:
+            if sorted(s["metric"]["trial_id"] for s in final) == trials and now > linger_started + STILL_THERE_AFTER:
                 break
             assert now < deadline, (f"final generation not scraped: {prometheus.instant('ray_gsnn_generation', now)}\n"
                                     f"targets: {prometheus.targets()}\n" + "".join(output))
