@@ -51,7 +51,7 @@ class RaySettings:
     dashboard_port: int = bounded(8265, int, 1024, 65535)
     metrics_export_port: int = bounded(8090, int, 1024, 65535)
     loopback_only: bool = True
-    metrics_linger_seconds: float = bounded(20.0, float, 0.0, 3600.0)
+    metrics_linger_seconds: float = bounded(30.0, float, 0.0, 3600.0)
     max_failures: int = bounded(3, int, 0, 1000)
 
 

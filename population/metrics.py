@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import weakref
 
 from ray import tune
 from ray.util.metrics import Counter, Gauge
@@ -76,8 +75,9 @@ class PopulationMetrics(tune.Callback):
     # The instance of each run that last received a result in this process, for
     # keep_gauges_exported. Tune may copy its callbacks (a resumed run's are unpickled); the copy
     # that receives results takes over from the old one (and its latest values), so two copies
-    # never re-set one gauge with different values.
-    _live: "weakref.WeakValueDictionary[str, PopulationMetrics]" = weakref.WeakValueDictionary()
+    # never re-set one gauge with different values. Held strongly: the final values must stay
+    # exported after Tune has let go of its callbacks.
+    _live: "dict[str, PopulationMetrics]" = {}
 
     def __init__(self, run: str):
         self.run = run

@@ -183,6 +183,9 @@ def quiet_tune_logs() -> None:
 
     for name in ("ray.tune", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Each trial restored from a checkpoint (every PBT exploit) warns that its result.json was not
+    # found at the storage path it copies from, which is the path it writes to: noise on a local run.
+    logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
 
 
 def _event_counts(organism: Organism) -> dict:

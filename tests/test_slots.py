@@ -45,3 +45,29 @@ def test_a_killed_holder_releases_its_slot():
     with compute_slot(key, 1) as waited:
         assert waited < 2
     assert time.monotonic() - start < 2
+
+
+def wait_for_slot(key, log):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+    with compute_slot(key, 1) as waited:
+        log.put((waited, resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before))
+
+
+def test_waiting_sleeps_until_a_slot_is_released():
+    """The waiter blocks (a handful of wake-ups in 2 s, not one every few milliseconds) and gets the
+    slot once the holder lets go."""
+    key, ctx = uuid.uuid4().hex[:12], mp.get_context("fork")
+    log = ctx.Queue()
+    holder = ctx.Process(target=hold, args=(key, 1, 2.0, log))
+    holder.start()
+    assert log.get(timeout=10)[0] == "in"
+    waiter = ctx.Process(target=wait_for_slot, args=(key, log))
+    waiter.start()
+    assert log.get(timeout=10)[0] == "out"
+    waited, wakeups = log.get(timeout=10)
+    holder.join(10)
+    waiter.join(10)
+    assert 1.0 < waited < 10
+    assert wakeups < 60, f"{wakeups} voluntary context switches while waiting {waited:.1f} s"
