@@ -1,6 +1,7 @@
 """Population throughput through Ray and Tune against the same organisms run one after another.
 
 ``python -m benchmarks.population [--pop N] [--generations G] [--episodes E] [--json PATH]``
+(defaults: 8 organisms, 12 generations; about 2 minutes on the 2-core development machine)
 
 Both sides do the same work per organism and generation: learn ``episodes_per_generation``
 episodes in ``worlds`` worlds, then evaluate on ``eval_worlds`` worlds (what
@@ -11,6 +12,8 @@ drift on both sides alike); the population side is a real ``population.run`` (lo
 PBT, checkpoints, the CSV and metrics callbacks), timed from the first to the last generation
 result so Ray's start-up is not counted. Speed-up = population decisions/s over sequential
 decisions/s; ideal = min(pop, cores). Target (issues 3 and 6): at least 85% of the ideal speed-up.
+Beside them, the machine's own ceiling: the same organisms split over one plain process per core
+(no Ray), started together once they have imported torch.
 
 Also reported: the share of each organism's generation wall time (end of one generation to the
 end of the next) that is neither its learning, its evaluation nor its wait for a compute slot:
@@ -63,6 +66,38 @@ def sequential(pop: int, generations: int, worlds: int, episodes: int, eval_worl
             decisions += (worlds * episodes + eval_worlds) * world.max_steps
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "decisions": decisions, "decisions_per_second": decisions / seconds}
+
+
+def _plain_worker(work: tuple, organisms: list[int], ready, go, out) -> None:
+    ready.put(os.getpid())
+    go.wait()
+    out.put(sequential(*work, organisms=organisms)["decisions"])
+
+
+def plain_processes(pop: int, generations: int, worlds: int, episodes: int, eval_worlds: int,
+                    processes: int) -> dict:
+    """The same organisms split over ``processes`` plain Python processes (no Ray, no Tune), timed
+    from a common start once every process has imported torch: what this machine's cores give
+    when nothing but the organisms runs (memory bandwidth, shared caches, a host's own limits)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    work = (pop, generations, worlds, episodes, eval_worlds)
+    workers = [ctx.Process(target=_plain_worker, args=(work, list(range(k, pop, processes)), ready, go, out))
+               for k in range(processes)]
+    for w in workers:
+        w.start()
+    for _ in workers:
+        ready.get(timeout=300)
+    start = time.perf_counter()
+    go.set()
+    decisions = sum(out.get(timeout=3600) for _ in workers)
+    seconds = time.perf_counter() - start
+    for w in workers:
+        w.join(60)
+    return {"seconds": seconds, "decisions": decisions, "decisions_per_second": decisions / seconds,
+            "processes": processes}
 
 
 def _actor_rss_bytes() -> list[int]:
@@ -166,7 +201,7 @@ def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_wor
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pop", type=int, default=8)
-    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--generations", type=int, default=12)
     # Defaults: the per-generation work of tune_configs/default.yaml.
     parser.add_argument("--worlds", type=int, default=16)
     parser.add_argument("--episodes", type=int, default=2)
@@ -187,12 +222,15 @@ def main(argv=None) -> int:
     ray_side = through_ray(*work, extra=tuple(args.set))
     print(f"sequential: organisms {half}-{args.pop - 1} ...", file=sys.stderr)
     after = sequential(*work, organisms=range(half, args.pop))
+    ideal = min(args.pop, cores)
+    print(f"plain processes: all {args.pop} in {ideal} processes without Ray ...", file=sys.stderr)
+    plain = plain_processes(*work, processes=ideal)
     seconds = before["seconds"] + after["seconds"]
     decisions = before["decisions"] + after["decisions"]
     seq = {"seconds": seconds, "decisions": decisions, "decisions_per_second": decisions / seconds,
            "before": before, "after": after}
-    ideal = min(args.pop, cores)
     speedup = ray_side["decisions_per_second"] / seq["decisions_per_second"]
+    plain_speedup = plain["decisions_per_second"] / seq["decisions_per_second"]
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "cores": cores,
@@ -204,11 +242,15 @@ def main(argv=None) -> int:
         "ideal_speedup": ideal,
         "fraction_of_ideal": speedup / ideal,
         "target_fraction_of_ideal": 0.85,
+        # The machine's own ceiling, without Ray: plain processes, one per core.
+        "plain_processes": plain,
+        "plain_fraction_of_ideal": plain_speedup / ideal,
+        "population_over_plain": ray_side["decisions_per_second"] / plain["decisions_per_second"],
     }
     print(
         f"sequential {seq['decisions_per_second']:,.0f} decisions/s | population "
         f"{ray_side['decisions_per_second']:,.0f} decisions/s | speed-up {speedup:.2f} of ideal {ideal} "
-        f"({100 * speedup / ideal:.0f}%) | non-organism share of a generation {100 * ray_side['non_organism_share_median']:.1f}% "
+        f"({100 * speedup / ideal:.0f}%; plain processes {100 * plain_speedup / ideal:.0f}%) | non-organism share of a generation {100 * ray_side['non_organism_share_median']:.1f}% "
         f"| CPU share of organism compute {ray_side['compute_cpu_share']:.2f} "
         f"| {ray_side['actor_processes']} actor processes, {ray_side['exploits']} exploits "
         f"| actor RSS peak {ray_side['actor_rss_peak_bytes'] / 2**20:.0f} MiB"
