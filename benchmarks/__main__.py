@@ -8,9 +8,9 @@ written to PATH when given.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from benchmarks import emit
 from benchmarks.decisions import Settings, run_all, table
 
 
@@ -23,11 +23,7 @@ def main(argv=None) -> int:
     settings = Settings.quick() if args.quick else Settings()
     report = run_all(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(report))
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(text + "\n")
+    emit(report, args.json)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
 import statistics
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import emit
 from gsnn.config import OrganismConfig
 from gsnn.organism import Organism
 from gsnn.train import WorldConfig, evaluate, live
@@ -255,10 +255,7 @@ def main(argv=None) -> int:
         f"| {ray_side['actor_processes']} actor processes, {ray_side['exploits']} exploits "
         f"| actor RSS peak {ray_side['actor_rss_peak_bytes'] / 2**20:.0f} MiB"
     )
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(report, args.json)
     return 0
 
 

@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks import emit
+
 
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
@@ -147,10 +149,7 @@ def main(argv=None) -> int:
           f"MemAvailable drop {peak['mem_available_drop'] / gib:.2f} GiB, RSS sum {peak['rss_total'] / gib:.2f} GiB "
           f"| actor RSS {peak['actor_rss'] / 2**20:.0f} MiB, PSS {peak['actor_pss'] / 2**20:.0f} MiB "
           f"| best {summary['best']['fitness']:.1f}, mean {last['mean_fitness']:.1f} food/episode")
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(report, args.json)
     return 0
 
 
