@@ -10,10 +10,11 @@ The shipped Grafana dashboard (``docker/grafana/dashboards/gsnn.json``) queries 
 names; ``tests/test_monitoring.py`` evaluates every panel against a real Prometheus.
 
 Ray's exporter forgets a gauge that has not been set for a while (its agent evicts values older
-than two report intervals; with Ray 2.60 and the local instance's 2 s interval a gauge set once
-disappeared after about 20 s), so a value set once at the end of a generation would vanish from
-Prometheus before the next one, and the final values during the linger. ``keep_gauges_exported`` re-sets every gauge with its latest
-value in a driver thread for as long as the run (and its final linger) lasts.
+than two report intervals, and a process does not send a gauge again unless it is set again; with
+Ray 2.60 a gauge set once disappeared after about 20 s at a 2 s report interval, about 30 s at the
+default 10 s). A value set at the end of a generation would vanish from Prometheus before the
+next one, and the final values during the linger, so ``keep_gauges_exported`` re-sets every gauge
+with its latest value in a driver thread for as long as the run (and its final linger) lasts.
 """
 
 from __future__ import annotations
