@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import emit
+from benchmarks.run_memory import descendants, sample
 from gsnn.config import OrganismConfig
 from gsnn.organism import Organism
 from gsnn.train import WorldConfig, evaluate, live
@@ -100,23 +101,6 @@ def plain_processes(pop: int, generations: int, worlds: int, episodes: int, eval
             "processes": processes}
 
 
-def _actor_rss_bytes() -> list[int]:
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"Trainable" not in cmd:
-                continue
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    out.append(int(line.split()[1]) * 1024)
-        except OSError:
-            continue
-    return out
-
-
 def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_worlds: int,
                 extra: tuple[str, ...] = ()) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="gsnn-bench-")) / "run"
@@ -135,22 +119,24 @@ def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_wor
     peak: dict[str, int] = {"max": 0, "total": 0}
     done = threading.Event()
 
-    def sample():
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def watch():
         while not done.is_set():
-            rss = _actor_rss_bytes()
+            rss = [p["rss"] for p in sample(descendants(process.pid)) if p["actor"]]
             if rss:
                 peak["max"] = max(peak["max"], max(rss))
                 peak["total"] = max(peak["total"], sum(rss))
-            time.sleep(1.0)
+            done.wait(1.0)
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = threading.Thread(target=watch, daemon=True)
     sampler.start()
-    out = subprocess.run(command, capture_output=True, text=True)
+    stdout, stderr = process.communicate()
     done.set()
     sampler.join()
     shutil.rmtree(ray_dir, ignore_errors=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"population.run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    if process.returncode != 0:
+        raise RuntimeError(f"population.run failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     # Every generation an organism computed is a row of the run's CSV (rows a trial inherited
     # from the organism PBT copied into it were not computed by it and are left out).
     with open(run_dir / "generations.csv", newline="") as handle:

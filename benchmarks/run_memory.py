@@ -67,7 +67,7 @@ def sample(pids: list[int]) -> list[dict]:
         except OSError:
             continue
         out.append({"pid": pid, "rss": _kib(rollup, "Rss:") * 1024, "pss": _kib(rollup, "Pss:") * 1024,
-                    "actor": "OrganismTrainable" in cmdline or "OrganismTr" in cmdline})
+                    "actor": "OrganismTr" in cmdline})  # ray::OrganismTrainable.*, maybe cut short
     return out
 
 

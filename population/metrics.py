@@ -104,7 +104,7 @@ class PopulationMetrics(tune.Callback):
 
     def _take_over(self) -> None:
         previous = PopulationMetrics._live.get(self.run)
-        if previous is not None and previous is not self:
+        if previous is not None:
             with previous._lock:
                 self._latest = {**self._latest, **{t: dict(v) for t, v in previous._latest.items()}}
         PopulationMetrics._live[self.run] = self
