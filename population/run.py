@@ -373,6 +373,7 @@ def main(argv=None) -> int:
             summary = report.write_summary(
                 run_dir, config.to_dict(), rows, config.population.size, best,
                 extra={"references": references, "wall_seconds": elapsed,
+                       "generations_replayed": len(report.replayed_rows(run_dir)),
                        "errors": [str(r.error) for r in results if r.error is not None]},
             )
             report.write_plots(run_dir, summary["generations"])

@@ -264,3 +264,65 @@ def test_population_search_stays_open_until_every_trial_has_ended():
     assert restored.trials_ended == 2 and not restored.is_finished()
     restored.on_trial_complete(trials[2].trial_id)
     assert restored.is_finished()
+
+
+def test_generation_log_appends_rows_and_rewrites_only_a_replaced_one(tmp_path):
+    """The CSV grows by one appended line per result (not a rewrite of the whole file per result);
+    a replayed generation replaces its row; a half-written last line (a driver killed
+    mid-append) is dropped when the log starts again; the callback pickles without its file."""
+    import pickle
+
+    from ray import tune
+
+    from population.report import ROWS_FILE, GenerationLog, replayed_rows
+
+    tune.register_trainable("gsnn_test_noop", lambda config: None)
+    a, b = tune.experiment.Trial("gsnn_test_noop"), tune.experiment.Trial("gsnn_test_noop")
+    printed = []
+    log = GenerationLog(str(tmp_path), population=2, generations=3, config={}, printer=printed.append)
+    log.setup()
+    path = tmp_path / ROWS_FILE
+
+    def result(generation, fitness, **extra):
+        return dict(generation=generation, fitness=fitness, hidden_neurons=64,
+                    energy_per_decision_joules=1e-9, **extra)
+
+    def rows():
+        with open(path, newline="") as handle:
+            return [(r["trial_id"], r["generation"], r["fitness"], r["inherited_from"]) for r in csv.DictReader(handle)]
+
+    log.on_trial_result(0, [], a, result(1, 5.0))
+    inode = path.stat().st_ino
+    log.on_trial_result(0, [], b, result(1, 7.0))
+    log.on_trial_result(0, [], a, result(2, 6.0))
+    assert path.stat().st_ino == inode, "a new row rewrote the file"
+    assert rows() == [(a.trial_id, "1", "5.0", ""), (b.trial_id, "1", "7.0", ""), (a.trial_id, "2", "6.0", "")]
+    assert len(printed) == 1 and printed[0].startswith("generation   1/3  best    7.0  mean    6.0")
+    log.on_trial_result(0, [], a, result(2, 6.5))  # replayed after a restart: replaces its row
+    assert path.stat().st_ino != inode
+    assert sorted(rows()) == sorted([(a.trial_id, "1", "5.0", ""), (b.trial_id, "1", "7.0", ""),
+                                     (a.trial_id, "2", "6.5", "")])
+    # The replaced row's compute happened: it is kept apart.
+    assert [(r["trial_id"], r["generation"], r["fitness"]) for r in replayed_rows(tmp_path)] == [(a.trial_id, "2", "6.0")]
+    # b copies a at generation 3 (a is ahead): b's generation 2 is a's, marked inherited.
+    log.on_trial_result(0, [], b, result(3, 8.0, exploited_from=a.trial_id, exploit_source_hidden_neurons=64))
+    assert sorted(rows()) == sorted([(a.trial_id, "1", "5.0", ""), (b.trial_id, "1", "7.0", ""),
+                                     (a.trial_id, "2", "6.5", ""), (b.trial_id, "3", "8.0", ""),
+                                     (b.trial_id, "2", "6.5", a.trial_id)])
+    assert [line.split()[1] for line in printed] == ["1/3", "2/3"]
+    # b's own generation 2, had it computed one, would be a replay; an inherited copy is not.
+    log.on_trial_result(0, [], b, result(3, 8.5, exploited_from=a.trial_id, exploit_source_hidden_neurons=64))
+    assert [r["fitness"] for r in replayed_rows(tmp_path)] == ["6.0", "8.0"]
+
+    restored = pickle.loads(pickle.dumps(log))  # as Tune saves and restores its callbacks
+    restored.printer = printed.append
+    with open(path, "a") as handle:
+        handle.write(f"{a.trial_id},3,9.")  # killed mid-append
+    restored.setup()
+    assert (a.trial_id, "3", "9.", "") not in rows() and len(rows()) == 5
+    assert (b.trial_id, "3", "8.5", "") in rows()
+    restored.on_trial_result(0, [], a, result(3, 9.5))
+    assert rows()[-1] == (a.trial_id, "3", "9.5", "")
+    assert printed[-1].split()[1] == "3/3"
+    restored.on_experiment_end([])
+    assert [r[1] for r in rows()] == ["1", "1", "2", "2", "3", "3"]
