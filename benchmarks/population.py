@@ -25,7 +25,6 @@ had the core); the compute slots' use; and the peak RSS of the actors.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import statistics
@@ -43,6 +42,7 @@ from benchmarks.run_memory import descendants, sample
 from gsnn.config import OrganismConfig
 from gsnn.organism import Organism
 from gsnn.train import WorldConfig, evaluate, live
+from population import config as run_config
 
 
 # Organisms of one fixed size on both sides, so every generation costs the same wherever PBT's
@@ -137,10 +137,14 @@ def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_wor
     shutil.rmtree(ray_dir, ignore_errors=True)
     if process.returncode != 0:
         raise RuntimeError(f"population.run failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    # Every generation an organism computed is a row of the run's CSV (rows a trial inherited
-    # from the organism PBT copied into it were not computed by it and are left out).
-    with open(run_dir / "generations.csv", newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if not r["inherited_from"]]
+    # Every generation an organism computed is a row of the run's CSV, or of its replayed
+    # generations when PBT later handed the organism a checkpoint from behind that generation and
+    # it computed the generation again (rows a trial inherited from the organism PBT copied into
+    # it were not computed by it and are left out).
+    from population.report import read_rows, replayed_rows
+
+    replayed = replayed_rows(run_dir)
+    rows = [r for r in read_rows(run_dir).values() if not r["inherited_from"]] + replayed
     finished = [float(r["finished_at"]) for r in rows]
     started = [float(r["finished_at"]) - float(r["time_this_iter_s"]) for r in rows]
     first, last = min(started), max(finished)
@@ -150,7 +154,7 @@ def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_wor
     # part that was neither learning, evaluating nor waiting for a compute slot (while another
     # organism computed) is the system's: Tune's step and result handling, the checkpoint, PBT.
     by_trial: dict[str, list[dict]] = {}
-    for r in rows:
+    for r in rows[: len(rows) - len(replayed)]:
         by_trial.setdefault(r["trial_id"], []).append(r)
     overhead = []
     for trial_rows in by_trial.values():
@@ -162,18 +166,24 @@ def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_wor
             organism = float(r["learn_seconds"]) + float(r["eval_seconds"]) + float(r["slot_wait_seconds"])
             overhead.append(max(0.0, 1.0 - organism / interval))
     busy = sum(float(r["learn_seconds"]) + float(r["eval_seconds"]) for r in rows)
+    between = [float(r["between_process_cpu_seconds"]) for r in rows if float(r["between_process_cpu_seconds"]) > 0]
     compute_cpu = sum(float(r["compute_cpu_seconds"]) for r in rows)
     return {
         "seconds": last - first,
         "decisions": decisions,
         "decisions_per_second": decisions / (last - first),
         "generations_computed": len(rows),
+        "generations_replayed": len(replayed),
         "non_organism_share_median": statistics.median(overhead) if overhead else None,
         "non_organism_share_mean": statistics.fmean(overhead) if overhead else None,
         "slot_utilisation": busy / ((last - first) * min(pop, os.cpu_count() or 1)),
         # CPU time of the organisms' own compute over its wall time: the rest of that time other
         # processes (the Tune driver, Ray's servers, actors between generations) had the core.
         "compute_cpu_share": compute_cpu / busy,
+        # An actor's CPU (all its threads) from the end of one generation's compute to the start
+        # of the next: Tune's step and result, the checkpoint, Ray's task handling; per generation.
+        "actor_cpu_between_generations_median_seconds": statistics.median(between) if between else None,
+        "compute_cpu_seconds_per_generation": compute_cpu / len(rows),
         # Ray actor processes that computed generations: one per organism when exploits reuse
         # the exploited organism's actor (population/searcher.py)
         "actor_processes": len({r["actor_pid"] for r in rows if r.get("actor_pid")}),
@@ -186,12 +196,13 @@ def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_wor
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # Defaults: the per-generation work of tune_configs/default.yaml.
+    default = run_config.build(run_config.load_yaml(run_config.default_config_path())).population
     parser.add_argument("--pop", type=int, default=8)
     parser.add_argument("--generations", type=int, default=12)
-    # Defaults: the per-generation work of tune_configs/default.yaml.
-    parser.add_argument("--worlds", type=int, default=16)
-    parser.add_argument("--episodes", type=int, default=2)
-    parser.add_argument("--eval-worlds", type=int, default=32)
+    parser.add_argument("--worlds", type=int, default=default.worlds)
+    parser.add_argument("--episodes", type=int, default=default.episodes_per_generation)
+    parser.add_argument("--eval-worlds", type=int, default=default.eval_worlds)
     parser.add_argument("--json", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="extra population.run override for the Ray side, e.g. pbt.quantile_fraction=0.01")
@@ -232,6 +243,10 @@ def main(argv=None) -> int:
         "plain_processes": plain,
         "plain_fraction_of_ideal": plain_speedup / ideal,
         "population_over_plain": ray_side["decisions_per_second"] / plain["decisions_per_second"],
+        # The same generation's compute takes this much more CPU in the population than in one
+        # process (preempted by Ray's threads and the other actors, cache refills, alternation).
+        "compute_cpu_over_sequential": ray_side["compute_cpu_seconds_per_generation"]
+        / (seq["seconds"] / (args.pop * args.generations)),
     }
     print(
         f"sequential {seq['decisions_per_second']:,.0f} decisions/s | population "

@@ -59,6 +59,7 @@ class OrganismTrainable(tune.Trainable):
         self.exploited_from = None
         self.exploit_source_hidden = None
         self.exploits = 0
+        self._cpu_mark = None  # (thread CPU, process CPU) when the last generation's compute ended
 
     def step(self) -> dict:
         with self._compute_slot() as waited:
@@ -80,7 +81,11 @@ class OrganismTrainable(tune.Trainable):
     def _live_one_generation(self) -> dict:
         organism, pop = self.organism, self.pop
         stats_before = _event_counts(organism)
-        start, cpu_start = time.perf_counter(), time.thread_time()
+        start, cpu_start, process_start = time.perf_counter(), time.thread_time(), time.process_time()
+        # This actor's CPU since its previous generation's compute ended: Tune's step and result,
+        # the checkpoint, the wait for a slot; in all threads, Ray's own too (0 after a (re)start).
+        mark = self._cpu_mark or (cpu_start, process_start)
+        between, between_process = cpu_start - mark[0], process_start - mark[1]
         self.obs, finished = live(
             organism, self.env, int(pop["episodes_per_generation"]) * self.world.max_steps, self.obs
         )
@@ -91,6 +96,7 @@ class OrganismTrainable(tune.Trainable):
         result = evaluate(organism, eval_env, seed=int(pop["eval_seed"]) + generation)
         eval_seconds = time.perf_counter() - t0
         cpu_seconds = time.thread_time() - cpu_start
+        self._cpu_mark = (time.thread_time(), time.process_time())
         fitness = result["fitness"]
         if not math.isfinite(fitness):  # never hand PBT a NaN: it would drop this trial from ranking
             fitness = 0.0
@@ -120,6 +126,8 @@ class OrganismTrainable(tune.Trainable):
             # CPU time of this actor's thread over learning + evaluation: below their wall time when
             # other processes took the core (a CPU share of the organism's own compute)
             "compute_cpu_seconds": cpu_seconds,
+            "between_cpu_seconds": between,
+            "between_process_cpu_seconds": between_process,
             "exploited_from": self.exploited_from or "",
             "exploit_source_hidden_neurons": self.exploit_source_hidden or 0,
             "exploits": self.exploits,
