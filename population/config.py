@@ -25,7 +25,7 @@ EXTRA_MUTABLE = {"weight_noise": Bound(float, 0.0, 10.0)}
 class PopulationSettings:
     size: int = bounded(32, int, 2, 100_000)
     generations: int = bounded(12, int, 1, 100_000)
-    episodes_per_generation: int = bounded(2, int, 1, 100_000)
+    episodes_per_generation: int = bounded(8, int, 1, 100_000)
     worlds: int = bounded(16, int, 1, 65_536)
     eval_worlds: int = bounded(32, int, 1, 65_536)
     eval_seed: int = bounded(100_000, int, 0, 2**62)
