@@ -1,7 +1,7 @@
 """Population throughput through Ray and Tune against the same organisms run one after another.
 
 ``python -m benchmarks.population [--pop N] [--generations G] [--episodes E] [--json PATH]``
-(defaults: 8 organisms, 12 generations; about 2 minutes on the 2-core development machine)
+(defaults: 8 organisms, 12 generations; about 4 minutes on the 2-core development machine)
 
 Both sides do the same work per organism and generation: learn ``episodes_per_generation``
 episodes in ``worlds`` worlds, then evaluate on ``eval_worlds`` worlds (what
@@ -10,7 +10,9 @@ The sequential side runs it in this process on one core, half of the organisms b
 population side and half after it (this machine's speed drifts over minutes; bracketing weighs the
 drift on both sides alike); the population side is a real ``population.run`` (local Ray, Tune,
 PBT, checkpoints, the CSV and metrics callbacks), timed from the first to the last generation
-result so Ray's start-up is not counted. Speed-up = population decisions/s over sequential
+result so Ray's start-up is not counted; every generation an organism computed counts, those it
+computed again after PBT handed it a checkpoint from behind its own generation included (the
+run's replayed_generations.csv). Speed-up = population decisions/s over sequential
 decisions/s; ideal = min(pop, cores). Target (issues 3 and 6): at least 85% of the ideal speed-up.
 Beside them, the machine's own ceiling: the same organisms split over one plain process per core
 (no Ray), started together once they have imported torch.
@@ -19,7 +21,8 @@ Also reported: the share of each organism's generation wall time (end of one gen
 end of the next) that is neither its learning, its evaluation nor its wait for a compute slot:
 Tune's step and result handling, the checkpoint, PBT (target, issue 6: at most 10%); the CPU share
 of the organisms' own compute (the rest of that time the driver, Ray's servers or other actors
-had the core); the compute slots' use; and the peak RSS of the actors.
+had the core); how much more CPU the same generation's compute took than in the single process;
+the actors' own CPU between generations; the compute slots' use; and the peak RSS of the actors.
 """
 
 from __future__ import annotations

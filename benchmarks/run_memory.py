@@ -1,7 +1,7 @@
 """Memory of a whole population run: the default ``python -m population.run --pop 32``, watched.
 
 ``python -m benchmarks.run_memory [--pop N] [--json PATH] [--set SECTION.KEY=VALUE ...]``
-(about 2-3 minutes for the default run on the 2-core development machine)
+(about 4-5 minutes for the default run on the 2-core development machine)
 
 Runs the real command (local Ray instance, default configuration unless ``--set``) and samples,
 every second, every process of its tree (the driver, Ray's servers, the organism actors): the sum
