@@ -41,28 +41,27 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _complete_rows(path: Path) -> list[dict]:
+    """The rows of the CSV at ``path``. A last line without its newline (a driver killed
+    mid-append, or a read racing one) is not a row yet, and is left out, as is a line with too
+    few or too many fields."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return [row for row in csv.DictReader(io.StringIO(text, newline=""))
+            if None not in row.values() and None not in row]
+
+
 def read_rows(run_dir: Path) -> dict[tuple[str, int], dict]:
-    """The CSV's rows by (trial_id, generation). A last line without its newline (a driver killed
-    mid-append, or a read racing one) is not a row yet, and is left out."""
-    path = Path(run_dir) / ROWS_FILE
-    rows = {}
-    if path.is_file():
-        text = path.read_text()
-        if not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]
-        for row in csv.DictReader(io.StringIO(text, newline="")):
-            if None in row.values() or None in row:  # a line with too few or too many fields
-                continue
-            rows[(row["trial_id"], int(row["generation"]))] = row
-    return rows
+    """The CSV's rows by (trial_id, generation)."""
+    return {(row["trial_id"], int(row["generation"])): row for row in _complete_rows(Path(run_dir) / ROWS_FILE)}
 
 
 def replayed_rows(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / REPLAYED_FILE
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return [row for row in csv.DictReader(handle) if None not in row.values() and None not in row]
+    """The rows that later results replaced (``REPLAYED_FILE``), in the order they were replaced."""
+    return _complete_rows(Path(run_dir) / REPLAYED_FILE)
 
 
 def _ordered(rows: dict[tuple[str, int], dict]) -> list[dict]:
@@ -90,8 +89,8 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 
 class RowsFile:
     """The run's CSV, kept up to date row by row. A new row is appended (one write of one whole
-    line); only a replaced row (a generation replayed after a restart) rewrites the file, sorted,
-    through a temporary file and a rename. Rewriting it for every result, as before, cost the Tune
+    line); only a replaced row (a generation computed again) rewrites the file, sorted, through a
+    temporary file and a rename. Rewriting it for every result, as before, cost the Tune
     driver half of its CPU at 240 rows and grew with the square of the run."""
 
     def __init__(self, run_dir: Path):
