@@ -146,8 +146,9 @@ def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_wor
     # it were not computed by it and are left out).
     from population.report import read_rows, replayed_rows
 
+    kept = [r for r in read_rows(run_dir).values() if not r["inherited_from"]]
     replayed = replayed_rows(run_dir)
-    rows = [r for r in read_rows(run_dir).values() if not r["inherited_from"]] + replayed
+    rows = kept + replayed
     finished = [float(r["finished_at"]) for r in rows]
     started = [float(r["finished_at"]) - float(r["time_this_iter_s"]) for r in rows]
     first, last = min(started), max(finished)
@@ -157,7 +158,7 @@ def through_ray(pop: int, generations: int, worlds: int, episodes: int, eval_wor
     # part that was neither learning, evaluating nor waiting for a compute slot (while another
     # organism computed) is the system's: Tune's step and result handling, the checkpoint, PBT.
     by_trial: dict[str, list[dict]] = {}
-    for r in rows[: len(rows) - len(replayed)]:
+    for r in kept:
         by_trial.setdefault(r["trial_id"], []).append(r)
     overhead = []
     for trial_rows in by_trial.values():
