@@ -64,27 +64,24 @@ def replayed_rows(run_dir: Path) -> list[dict]:
     return _complete_rows(Path(run_dir) / REPLAYED_FILE)
 
 
-def _ordered(rows: dict[tuple[str, int], dict]) -> list[dict]:
-    return sorted(rows.values(), key=lambda r: (int(r["generation"]), r["trial_id"]))
-
-
 def write_rows(run_dir: Path, rows: dict[tuple[str, int], dict]) -> None:
-    _atomic_write(Path(run_dir) / ROWS_FILE, _csv_lines(_ordered(rows), header=True).decode())
+    ordered = sorted(rows.values(), key=lambda r: (int(r["generation"]), r["trial_id"]))
+    _atomic_write(Path(run_dir) / ROWS_FILE, _csv_lines(ordered, header=True))
 
 
-def _csv_lines(rows: list[dict], header: bool = False) -> bytes:
+def _csv_lines(rows: list[dict], header: bool = False) -> str:
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
     if header:
         writer.writeheader()
     writer.writerows(rows)
-    return text.getvalue().encode()
+    return text.getvalue()
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
     """Append ``rows`` to the CSV at ``path``, with the header first if the file is new."""
     with open(path, "ab") as handle:
-        handle.write(_csv_lines(rows, header=handle.tell() == 0))
+        handle.write(_csv_lines(rows, header=handle.tell() == 0).encode())
 
 
 class RowsFile:
@@ -116,7 +113,7 @@ class RowsFile:
         if replaced or self._fd is None:
             self.rewrite()
         else:
-            os.write(self._fd, _csv_lines(rows))
+            os.write(self._fd, _csv_lines(rows).encode())
         return replaced
 
     def close(self) -> None:
