@@ -93,7 +93,7 @@ def test_stdp_post_factor_matches_a_step_by_step_trace_computation(backend):
 
 def sparse_observations(generator, B, N=450, density=0.06):
     obs = (torch.rand(B, N, generator=generator) < density).float()
-    obs[:, 7] = 0.5  # a value other than 1
+    obs[1::2, 7] = 0.5  # a value other than 1 in every other world (the C kernel adds all-1 rows without products)
     obs[0] = 0.0  # a world that sees nothing
     return obs
 
@@ -110,6 +110,27 @@ def assert_same_samples(native_actions, torch_actions, probs, uniform):
     clear = margin > 1e-5
     assert clear.float().mean() > 0.9
     assert torch.equal(native_actions[clear], torch_actions[clear])
+
+
+@pytest.mark.parametrize("B", [5, 40, 300])  # one chunk read in place, one copied by blocks, two chunks
+def test_native_input_current_is_the_ordered_sum_of_the_active_rows(B):
+    """The C decision's input current, bit for bit: bias + the sum over the active inputs in
+    increasing order of value * W[k] (products skipped in worlds whose values are all 1), for
+    full and partial blocks of neurons and the tail of the observation (450 = 56 * 8 + 2)."""
+    g = torch.Generator().manual_seed(11)
+    H = 200  # three blocks of 64 and one of 8
+    params = random_params(g, H=H)
+    obs = sparse_observations(g, B)
+    obs[2 % B, 449] = 1.0  # in the tail of the observation
+    obs[3 % B, 448] = 2.0
+    v, i = torch.zeros(B, H), torch.zeros(B, H)
+    x = kernels.decide(obs, params, lif_constants(OrganismConfig()), v, i, 10, keep=("x",)).outputs["x"]
+    W, bias = params["input_weight"], params["hidden_bias"]
+    for b in range(B):
+        acc = torch.zeros(H)
+        for k in torch.nonzero(obs[b]).flatten().tolist():
+            acc = acc + (W[k] if obs[b, k] == 1.0 else obs[b, k] * W[k])
+        assert torch.equal(x[b], acc + bias), b
 
 
 @pytest.mark.parametrize("rule", ["reinforce", "rstdp"])
