@@ -291,8 +291,10 @@ static int scan_all_rows(int64_t R, int64_t N, const float *obs, active_rows *a)
         return -1;
     }
     for (int64_t r = 0; r < R; r++) {
-        int32_t count = 0;
-        for (int64_t n = 0; n < N; n++) count += obs[r * N + n] != 0.0f;
+        const float *row = obs + r * N;
+        int64_t n = 0, count = 0;
+        for (; n + LANES <= N; n += LANES) count += __builtin_popcount(nonzero_mask8(row + n));
+        for (; n < N; n++) count += row[n] != 0.0f;
         a->start[r] = total;
         total += count;
     }
