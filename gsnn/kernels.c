@@ -671,6 +671,11 @@ int gsnn_reinforce_backward(int64_t R, int64_t N, int64_t H, int64_t T, int64_t 
         for (int64_t r = 0; r < R; r++) {
             const int64_t o = r * H + h0, s = act.start[r];
             const int32_t na = (int32_t)(act.start[r + 1] - s);
+            if (r + 2 < R) /* as in gsnn_decide: the starting state two rows on */
+                for (int64_t j = 0; j < n; j += 16) {
+                    __builtin_prefetch(v0 + o + 2 * H + j);
+                    __builtin_prefetch(i0 + o + 2 * H + j);
+                }
             float x[HBLOCK], counts[HBLOCK], g_counts[HBLOCK], gx[HBLOCK];
             input_block(n, n, na, act.cols + s, act.vals + s, act.unit[r], w_block, bias + h0, x);
             for (int64_t h = 0; h < n; h++) g_counts[h] = 0.0f;
@@ -718,6 +723,11 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
         for (int64_t h = 0; h < n; h++) bias[h] = 0.0f;
         for (int64_t r = 0; r < R; r++) {
             const int64_t o = r * H + h0;
+            if (r + 2 < R) /* as in gsnn_decide: this block's rows two rows on */
+                for (int64_t j = 0; j < n; j += 16) {
+                    __builtin_prefetch(hidden_post + o + 2 * H + j);
+                    __builtin_prefetch(counts + o + 2 * H + j);
+                }
             axpy_block(n, w[r], hidden_post + o, bias);
             for (int64_t a = 0; a < A; a++) coef[a] = w[r] * action_post[r * A + a];
             readout_block(n, A, counts + o, coef, ro);
