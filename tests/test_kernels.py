@@ -133,6 +133,39 @@ def test_native_input_current_is_the_ordered_sum_of_the_active_rows(B):
         assert torch.equal(x[b], acc + bias), b
 
 
+@pytest.mark.parametrize("T", [1, 10, 40])
+def test_native_stdp_record_of_a_full_block_equals_the_scalar_path_bit_for_bit(T):
+    """R-STDP's record of 64 neurons (one full block: the vector loops) equals, bit for bit, that
+    of the same first 63 neurons alone (a partial block: the scalar loop). The 64th neuron never
+    fires and the readout sums the counts into one logit, so both sample the same actions."""
+    g = torch.Generator().manual_seed(5)
+    B, H = 6, 64
+    lif = lif_constants(OrganismConfig())
+    params = random_params(g, H=H)
+    params["input_weight"] *= 6.0  # lively: most neurons fire at some steps, not at all
+    params["input_weight"][:, H - 1] = -100.0
+    params["hidden_bias"][H - 1] = -100.0
+    params["readout_weight"] = torch.zeros(H, 4)
+    params["readout_weight"][:, 0] = 2.0**-9  # logit 0 = the world's spikes / 512: exact in any order
+    part = {k: (v[..., : H - 1] if k == "hidden_bias" else v[: H - 1] if k == "readout_weight"
+                else v[:, : H - 1] if k == "input_weight" else v).contiguous() for k, v in params.items()}
+    stdp = kernels.STDPOptions(*stdp_step_weights(0.8, T), 0.5)
+    keep = ("obs", "hidden_post", "action_post")
+    state = [torch.zeros(B, H), torch.zeros(B, H)]
+    state_part = [torch.zeros(B, H - 1), torch.zeros(B, H - 1)]
+    for _ in range(5):
+        obs, uniform = sparse_observations(g, B), torch.rand(B, generator=g)
+        full = kernels.decide(obs, params, lif, *state, T, choose="sample", uniform=uniform, keep=keep, stdp=stdp)
+        alone = kernels.decide(obs, part, lif, *state_part, T, choose="sample", uniform=uniform, keep=keep,
+                               stdp=stdp)
+        assert torch.equal(full.counts[:, H - 1], torch.zeros(B))
+        assert torch.equal(full.counts[:, : H - 1], alone.counts)
+        assert torch.equal(state[0][:, : H - 1], state_part[0]) and torch.equal(state[1][:, : H - 1], state_part[1])
+        assert torch.equal(full.actions, alone.actions)
+        assert torch.equal(full.outputs["hidden_post"][:, : H - 1], alone.outputs["hidden_post"])
+    assert 0 < float(alone.counts.mean()) < T and bool((alone.outputs["hidden_post"] != 0).any())
+
+
 @pytest.mark.parametrize("rule", ["reinforce", "rstdp"])
 def test_decide_native_equals_torch_with_learner_record(rule):
     g = torch.Generator().manual_seed(3)
