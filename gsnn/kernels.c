@@ -235,6 +235,16 @@ static inline unsigned nonzero_mask8(const float *p) {
 #endif
 }
 
+/* Asks for n floats at a and at b to be brought into the cache: the next rows of a block of two
+ * (rows, H) arrays, whose rows lie H floats apart (the hardware's own prefetch does not cross
+ * the 4 KB pages they span; without this the first load of each row stalled). */
+static inline void prefetch_two(int64_t n, const float *a, const float *b) {
+    for (int64_t j = 0; j < n; j += 16) {
+        __builtin_prefetch(a + j);
+        __builtin_prefetch(b + j);
+    }
+}
+
 /* The non-zero inputs of one row: their indices in increasing order into `active` and their
  * values into `vals` (read later without touching the observation again), their count returned;
  * *unit (if given) is set to whether every one of those values is exactly 1. Eight floats are
@@ -503,11 +513,7 @@ int gsnn_decide(decide_args *d) {
             const int64_t stride = copy ? n : H;
             for (int64_t r = 0; r < rows; r++) {
                 const int64_t b = b0 + r, o = b * H + h0;
-                if (r + 2 < rows) /* the state of this block two rows on: rows lie H floats apart */
-                    for (int64_t j = 0; j < n; j += 16) {
-                        __builtin_prefetch(d->v + o + 2 * H + j);
-                        __builtin_prefetch(d->i + o + 2 * H + j);
-                    }
+                if (r + 2 < rows) prefetch_two(n, d->v + o + 2 * H, d->i + o + 2 * H);
                 float x_local[HBLOCK];
                 float *x = d->x_out ? d->x_out + o : x_local;
                 input_block(n, stride, d->n_active[r], d->active + r * N, d->vals + r * N, unit[r], Wb, d->bias + h0,
@@ -671,11 +677,7 @@ int gsnn_reinforce_backward(int64_t R, int64_t N, int64_t H, int64_t T, int64_t 
         for (int64_t r = 0; r < R; r++) {
             const int64_t o = r * H + h0, s = act.start[r];
             const int32_t na = (int32_t)(act.start[r + 1] - s);
-            if (r + 2 < R) /* as in gsnn_decide: the starting state two rows on */
-                for (int64_t j = 0; j < n; j += 16) {
-                    __builtin_prefetch(v0 + o + 2 * H + j);
-                    __builtin_prefetch(i0 + o + 2 * H + j);
-                }
+            if (r + 2 < R) prefetch_two(n, v0 + o + 2 * H, i0 + o + 2 * H);
             float x[HBLOCK], counts[HBLOCK], g_counts[HBLOCK], gx[HBLOCK];
             input_block(n, n, na, act.cols + s, act.vals + s, act.unit[r], w_block, bias + h0, x);
             for (int64_t h = 0; h < n; h++) g_counts[h] = 0.0f;
@@ -723,11 +725,7 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
         for (int64_t h = 0; h < n; h++) bias[h] = 0.0f;
         for (int64_t r = 0; r < R; r++) {
             const int64_t o = r * H + h0;
-            if (r + 2 < R) /* as in gsnn_decide: this block's rows two rows on */
-                for (int64_t j = 0; j < n; j += 16) {
-                    __builtin_prefetch(hidden_post + o + 2 * H + j);
-                    __builtin_prefetch(counts + o + 2 * H + j);
-                }
+            if (r + 2 < R) prefetch_two(n, hidden_post + o + 2 * H, counts + o + 2 * H);
             axpy_block(n, w[r], hidden_post + o, bias);
             for (int64_t a = 0; a < A; a++) coef[a] = w[r] * action_post[r * A + a];
             readout_block(n, A, counts + o, coef, ro);
