@@ -1,7 +1,10 @@
 """Population throughput through Ray and Tune against the same organisms run one after another.
 
-``python -m benchmarks.population [--pop N] [--generations G] [--episodes E] [--json PATH]``
-(defaults: 8 organisms, 12 generations; about 4 minutes on the 2-core development machine)
+``python -m benchmarks.population [--pop N] [--generations G] [--episodes E] [--json PATH]
+[--set SECTION.KEY=VALUE ...]`` (defaults: 8 organisms of 256 neurons, 12 generations; about 4
+minutes on the 2-core development machine). ``--set organism.KEY=VALUE`` changes the organisms on
+every side (for example ``organism.init_hidden=1024 organism.max_hidden=1024``); other sections
+only the Ray run's configuration.
 
 Both sides do the same work per organism and generation: learn ``episodes_per_generation``
 episodes in ``worlds`` worlds, then evaluate on ``eval_worlds`` worlds (what
@@ -28,6 +31,7 @@ the actors' own CPU between generations; the compute slots' use; and the peak RS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -54,14 +58,16 @@ FIXED_SIZE = {"init_hidden": 256, "max_hidden": 256, "grow_threshold": 0.0, "pru
 
 
 def sequential(pop: int, generations: int, worlds: int, episodes: int, eval_worlds: int,
-               organisms: range | None = None) -> dict:
-    """The organisms ``organisms`` (default all ``pop``) one after another in this process."""
+               overrides: dict | None = None, organisms: range | None = None) -> dict:
+    """The organisms ``organisms`` (default all ``pop``) one after another in this process, with
+    OrganismConfig ``overrides`` over FIXED_SIZE (the command's ``--set organism.KEY=VALUE``)."""
     torch.set_num_threads(1)
+    settings = {**FIXED_SIZE, **(overrides or {})}
     world = WorldConfig(num_worlds=worlds)
     decisions = 0
     start = time.perf_counter()
     for index in organisms if organisms is not None else range(pop):
-        organism = Organism(OrganismConfig(seed=index, **FIXED_SIZE))
+        organism = Organism(OrganismConfig(seed=index, **settings))
         env = world.make(seed=index)
         obs = None
         for generation in range(1, generations + 1):
@@ -72,14 +78,14 @@ def sequential(pop: int, generations: int, worlds: int, episodes: int, eval_worl
     return {"seconds": seconds, "decisions": decisions, "decisions_per_second": decisions / seconds}
 
 
-def _plain_worker(work: tuple, organisms: list[int], ready, go, out) -> None:
+def _plain_worker(work: tuple, overrides: dict, organisms: list[int], ready, go, out) -> None:
     ready.put(os.getpid())
     go.wait()
-    out.put(sequential(*work, organisms=organisms)["decisions"])
+    out.put(sequential(*work, overrides=overrides, organisms=organisms)["decisions"])
 
 
 def plain_processes(pop: int, generations: int, worlds: int, episodes: int, eval_worlds: int,
-                    processes: int) -> dict:
+                    processes: int, overrides: dict | None = None) -> dict:
     """The same organisms split over ``processes`` plain Python processes (no Ray, no Tune), timed
     from a common start once every process has imported torch: what this machine's cores give
     when nothing but the organisms runs (memory bandwidth, shared caches, a host's own limits)."""
@@ -88,7 +94,8 @@ def plain_processes(pop: int, generations: int, worlds: int, episodes: int, eval
     ctx = mp.get_context("spawn")
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     work = (pop, generations, worlds, episodes, eval_worlds)
-    workers = [ctx.Process(target=_plain_worker, args=(work, list(range(k, pop, processes)), ready, go, out))
+    workers = [ctx.Process(target=_plain_worker,
+                           args=(work, overrides or {}, list(range(k, pop, processes)), ready, go, out))
                for k in range(processes)]
     for w in workers:
         w.start()
@@ -209,8 +216,22 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-worlds", type=int, default=default.eval_worlds)
     parser.add_argument("--json", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="extra population.run override for the Ray side, e.g. pbt.quantile_fraction=0.01")
+                        help="extra population.run override, e.g. pbt.quantile_fraction=0.01; organism.* ones "
+                             "apply to the single process and the plain processes too")
     args = parser.parse_args(argv)
+    # organism.* settings apply to every side (the same organisms everywhere), the rest to the run.
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key.startswith("organism."):
+            overrides[key.removeprefix("organism.")] = run_config.parse_value(value)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(OrganismConfig)})
+    if unknown:
+        parser.error(f"--set organism.{unknown[0]}: no such organism setting")
+    try:
+        OrganismConfig(**{**FIXED_SIZE, **overrides}).validate()
+    except ValueError as error:
+        parser.error(f"--set organism.*: {error}")
     cores = os.cpu_count() or 1
     work = (args.pop, args.generations, args.worlds, args.episodes, args.eval_worlds)
     # The sequential side runs half of the organisms before the population run and the rest after
@@ -218,14 +239,14 @@ def main(argv=None) -> int:
     half = args.pop // 2
     print(f"sequential: organisms 0-{half - 1} of {args.pop}, {args.generations} generations, one process ...",
           file=sys.stderr)
-    before = sequential(*work, organisms=range(half))
+    before = sequential(*work, overrides=overrides, organisms=range(half))
     print(f"population.run: all {args.pop} through Ray and Tune on {cores} cores ...", file=sys.stderr)
     ray_side = through_ray(*work, extra=tuple(args.set))
     print(f"sequential: organisms {half}-{args.pop - 1} ...", file=sys.stderr)
-    after = sequential(*work, organisms=range(half, args.pop))
+    after = sequential(*work, overrides=overrides, organisms=range(half, args.pop))
     ideal = min(args.pop, cores)
     print(f"plain processes: all {args.pop} in {ideal} processes without Ray ...", file=sys.stderr)
-    plain = plain_processes(*work, processes=ideal)
+    plain = plain_processes(*work, processes=ideal, overrides=overrides)
     seconds = before["seconds"] + after["seconds"]
     decisions = before["decisions"] + after["decisions"]
     seq = {"seconds": seconds, "decisions": decisions, "decisions_per_second": decisions / seconds,
