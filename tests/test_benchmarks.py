@@ -82,3 +82,19 @@ def test_cli_writes_json(report, tmp_path, monkeypatch, capsys):
     assert seen == [decisions.Settings.quick()]
     assert json.loads(out.read_text())["pruning"]["after_pruning"]["hidden"] == 48
     assert "organism_learning" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("organism.bogus=3", "--set organism.bogus: no such organism setting"),
+    ("organism.init_hidden=1024", "init_hidden: must lie in [min_hidden, max_hidden] = [32, 256], got 1024"),
+])
+def test_population_benchmark_refuses_a_bad_organism_setting_before_running(setting, message, capsys):
+    """benchmarks.population applies organism.* settings to its own organisms as well as the
+    run's, so it checks them first: one line, exit status 2, nothing measured."""
+    from benchmarks import population
+
+    with pytest.raises(SystemExit) as stop:
+        population.main(["--pop", "2", "--generations", "1", "--set", setting])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "sequential:" not in err
