@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--set organism.{unknown[0]}: no such organism setting")
     try:
-        OrganismConfig(**{**FIXED_SIZE, **overrides}).validate()
+        OrganismConfig(**{**FIXED_SIZE, **overrides})  # checked on construction
     except ValueError as error:
         parser.error(f"--set organism.*: {error}")
     cores = os.cpu_count() or 1
