@@ -98,3 +98,25 @@ def test_population_benchmark_refuses_a_bad_organism_setting_before_running(sett
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "sequential:" not in err
+
+
+def test_resident_reads_the_rss_and_its_peak_of_live_processes_only():
+    """benchmarks.run_memory.resident: a child that touched 200 MB and gave it back shows the
+    200 MB in its peak and not in its RSS; a finished process is left out."""
+    import subprocess
+    import sys
+
+    from benchmarks.run_memory import resident
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nb = bytearray(200 * 2**20)\nb[::4096] = b'x' * len(b[::4096])\n"
+         "del b\nprint('ok', flush=True)\nsys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ok"
+        (measured,) = resident([child.pid])
+        assert measured["pid"] == child.pid and not measured["actor"]
+        assert measured["rss_peak"] >= 200 * 2**20 > measured["rss"] > 0
+    finally:
+        child.communicate("\n", timeout=30)
+    assert resident([child.pid]) == []
