@@ -111,6 +111,29 @@ def start_ray(config: run_config.RunConfig, args):
     )
 
 
+def check_ports_free(config: run_config.RunConfig, args) -> None:
+    """The local instance's dashboard and metrics ports must be free before Ray starts: Ray
+    itself fails on a busy dashboard port with a long traceback, after starting its servers.
+    A finished run keeps both for ``ray.metrics_linger_seconds``. Raises ConfigError."""
+    if args.address:
+        return
+    import socket
+
+    for key, host, port in (("dashboard_port", config.ray.dashboard_host, config.ray.dashboard_port),
+                            ("metrics_export_port", "127.0.0.1", config.ray.metrics_export_port)):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As the servers themselves bind: a port left in TIME_WAIT by a finished run is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                raise ConfigError(
+                    f"ray.{key}: {host}:{port} is not free ({error.strerror}; another run, or one keeping "
+                    f"its metrics up for ray.metrics_linger_seconds); choose another with "
+                    f"--set ray.{key}=PORT"
+                ) from None
+
+
 def keep_ray_on_loopback(config: run_config.RunConfig, args) -> None:
     """With ray.loopback_only, every server of the local instance (GCS, raylet, workers, metrics
     exporter, dashboard) listens on 127.0.0.1 only. Ray binds to its node address, and by default
@@ -320,6 +343,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config, run_dir, resume = resolve(args)
+        check_ports_free(config, args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

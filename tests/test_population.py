@@ -195,6 +195,26 @@ def test_config_errors_are_one_line_before_ray_starts(tmp_path):
         assert time.time() - start < 30
 
 
+def test_a_busy_port_is_one_line_before_ray_starts(tmp_path):
+    """A port the local instance needs is taken (for example by a run keeping its metrics up):
+    one line naming the setting, exit 2, nothing created, no Ray started."""
+    import socket
+
+    for key in ("dashboard_port", "metrics_export_port"):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            output = tmp_path / key
+            out = subprocess.run([sys.executable, "-m", "population.run", "--pop", "2", "--output", str(output),
+                                  "--set", f"ray.{key}={port}"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, (key, out.stdout, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: ray.{key}: 127.0.0.1:{port} is not free"), lines
+        assert f"--set ray.{key}=PORT" in lines[0]
+        assert not output.exists() and "Ray dashboard" not in out.stdout
+
+
 def wait_for_generation(run: Run, generation: int, timeout=180):
     deadline = time.time() + timeout
     while time.time() < deadline:
