@@ -107,12 +107,17 @@ class Rollout:
     first decision of a batch size and hidden size and reused while they last (growth and pruning
     happen between rollouts), so a decision writes its record into the next slot (the C decision
     kernel writes there directly) with no allocation, and the update reads the filled part
-    without stacking anything."""
+    without stacking anything. Each buffer's slot views are made once, when it is allocated, and a
+    spec checked at slot 0 of a rollout is not checked again until the next one: a decision's
+    Python costs next to nothing (at 16 worlds it is as long as the C kernel)."""
 
     def __init__(self):
         self.decisions = 0  # decisions recorded
         self.rewarded = 0  # of which learn_feedback gave the rewards
         self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[str, tuple[torch.Tensor, ...]] = {}  # name -> its buffer's slots
+        self._checked: dict[int, dict] = {}  # id(spec) -> spec, for specs checked in this rollout
+        self._feedback_specs: dict[int, dict] = {}  # batch size -> record_feedback's spec
 
     def __len__(self) -> int:
         return self.decisions
@@ -120,20 +125,32 @@ class Rollout:
     def slots(self, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], index: int, length: int,
               device: torch.device) -> dict[str, torch.Tensor]:
         """Views of slot ``index`` of each buffer of ``spec`` (name -> (shape, dtype)), the
-        buffers (re)allocated with ``length`` slots if they do not fit (only at slot 0)."""
+        buffers (re)allocated with ``length`` slots if they do not fit (only at slot 0). Pass the
+        same spec object for every decision of a rollout (its check is remembered)."""
+        if index and self._checked.get(id(spec)) is spec:
+            try:
+                return {name: self._views[name][index] for name in spec}
+            except IndexError:
+                pass  # beyond the buffers: the check below says so
         for name, (shape, dtype) in spec.items():
             buffer = self._buffers.get(name)
             if buffer is None or buffer.shape[1:] != shape or buffer.shape[0] <= index or buffer.dtype != dtype:
                 if index:
                     raise RuntimeError(f"rollout buffer {name} changed shape in the middle of a rollout")
-                self._buffers[name] = torch.empty((max(length, index + 1), *shape), dtype=dtype, device=device)
-        return {name: self._buffers[name][index] for name in spec}
+                buffer = torch.empty((max(length, index + 1), *shape), dtype=dtype, device=device)
+                self._buffers[name], self._views[name] = buffer, buffer.unbind(0)
+        self._checked[id(spec)] = spec
+        return {name: self._views[name][index] for name in spec}
 
     def record_feedback(self, reward: torch.Tensor, done: torch.Tensor, length: int) -> None:
         """The rewards of the oldest decision that has none yet."""
         if self.rewarded >= self.decisions:
             raise RuntimeError("learn_feedback without a decision to reward (call learn_act first)")
-        spec = {"reward": ((reward.shape[0],), torch.float32), "done": ((done.shape[0],), torch.bool)}
+        batch = reward.shape[0]
+        spec = self._feedback_specs.get(batch)
+        if spec is None or spec["done"][0][0] != done.shape[0]:
+            spec = {"reward": ((batch,), torch.float32), "done": ((done.shape[0],), torch.bool)}
+            self._feedback_specs[batch] = spec
         slots = self.slots(spec, self.rewarded, length, reward.device)
         slots["reward"].copy_(reward)
         slots["done"].copy_(done)
@@ -149,6 +166,7 @@ class Rollout:
 
     def clear(self) -> None:
         self.decisions = self.rewarded = 0
+        self._checked.clear()
 
 
 class Organism:
@@ -172,6 +190,7 @@ class Organism:
         self.v: torch.Tensor | None = None  # (B, H) membrane potential per world
         self.i: torch.Tensor | None = None  # (B, H) synaptic current per world
         self._rollout = Rollout()
+        self._record_cache = None  # (key, (spec, keep, stdp), STDP step weights): see _learner_record
         self._consecutive_nonfinite = 0
 
     # -- shape ---------------------------------------------------------------------------------
@@ -345,9 +364,26 @@ class Organism:
         rollout (REINFORCE: the observation, starting state, logits and action; R-STDP: the
         observation, counts, post factor and action_post)."""
         obs = self._flatten(obs)
-        c, (B, N), H = self.config, obs.shape, self.hidden_neurons
+        c, B = self.config, obs.shape[0]
+        self._ensure_state(B)  # before the slots: a new batch size starts a new rollout
+        spec, keep, stdp = self._learner_record(B)
+        slots = self._rollout.slots(spec, self._rollout.decisions, c.rollout_length, self.device)
+        decision = self._decide(obs, choose="sample", uniform=self._uniform(B), keep=keep, stdp=stdp,
+                                rate=(self.rate_ema, 1.0 / c.rate_window), out=slots)
+        self._rollout.decisions += 1
+        return decision.actions.clone()  # the slot is reused by later rollouts
+
+    def _learner_record(self, B: int) -> tuple[dict, tuple[str, ...], kernels.STDPOptions | None]:
+        """What a learning decision of B worlds records (the rollout's spec: name -> (shape,
+        dtype)), the decision kernel's ``keep`` and its STDP options; made once per shape and
+        settings, so the rollout sees the same spec object for a whole rollout."""
+        c, H = self.config, self.hidden_neurons
+        key = (B, c.n_inputs, H, c.n_actions, c.learning_rule, c.stdp_depression)
+        cached = self._record_cache
+        if cached is not None and cached[0] == key and cached[2] is self._stdp_weights:
+            return cached[1]
         f32 = torch.float32
-        spec = {"obs": ((B, N), f32), "logits": ((B, c.n_actions), f32), "actions": ((B,), torch.int64)}
+        spec = {"obs": ((B, c.n_inputs), f32), "logits": ((B, c.n_actions), f32), "actions": ((B,), torch.int64)}
         if c.learning_rule == "reinforce":
             keep = ("obs", "v0", "i0")
             spec.update({name: ((B, H), f32) for name in ("v0", "i0")})
@@ -356,12 +392,8 @@ class Organism:
             keep = ("obs", "hidden_post", "action_post")
             spec.update(counts=((B, H), f32), hidden_post=((B, H), f32), action_post=((B, c.n_actions), f32))
             stdp = kernels.STDPOptions(*self._stdp_weights, c.stdp_depression)
-        self._ensure_state(B)  # before the slots: a new batch size starts a new rollout
-        slots = self._rollout.slots(spec, self._rollout.decisions, c.rollout_length, self.device)
-        decision = self._decide(obs, choose="sample", uniform=self._uniform(B), keep=keep, stdp=stdp,
-                                rate=(self.rate_ema, 1.0 / c.rate_window), out=slots)
-        self._rollout.decisions += 1
-        return decision.actions.clone()  # the slot is reused by later rollouts
+        self._record_cache = (key, (spec, keep, stdp), self._stdp_weights)
+        return spec, keep, stdp
 
     def learn_feedback(self, reward: torch.Tensor, done: torch.Tensor) -> bool:
         """Give the rewards of the last decision; returns True when an update was made (which

@@ -322,3 +322,25 @@ def test_set_config_applies_neuron_parameters_now():
     organism.set_config(OrganismConfig.from_dict(dict(organism.config.to_dict(), tau_mem_inv=50.0, learning_rate=3e-3)))
     assert organism.lif == lif_constants(organism.config) and organism.lif.decay_mem == pytest.approx(0.05)
     assert organism.optimizer.lr == 3e-3
+
+
+def test_rollout_slots_are_the_buffers_rows_and_a_shape_change_mid_rollout_is_refused():
+    from gsnn.organism import Rollout
+
+    rollout = Rollout()
+    spec = {"a": ((3, 2), torch.float32), "b": ((3,), torch.int64)}
+    for index in range(4):
+        slots = rollout.slots(spec, index, 4, torch.device("cpu"))
+        slots["a"].fill_(index)
+        slots["b"].fill_(10 + index)
+        rollout.decisions += 1
+    assert torch.equal(rollout.view("a"), torch.arange(4.0).view(4, 1, 1).expand(4, 3, 2))
+    assert torch.equal(rollout.view("b"), (10 + torch.arange(4)).view(4, 1).expand(4, 3))
+    with pytest.raises(RuntimeError, match="changed shape in the middle of a rollout"):
+        rollout.slots({"a": ((5, 2), torch.float32)}, 1, 4, torch.device("cpu"))  # another batch size
+    with pytest.raises(RuntimeError, match="changed shape in the middle of a rollout"):
+        rollout.slots(spec, 4, 4, torch.device("cpu"))  # beyond the buffers, even for a checked spec
+    rollout.clear()
+    wider = {"a": ((5, 2), torch.float32)}
+    assert rollout.slots(wider, 0, 4, torch.device("cpu"))["a"].shape == (5, 2)  # a new rollout reallocates
+    assert rollout.view("a").shape == (0, 5, 2)
