@@ -203,6 +203,41 @@ def test_decide_native_equals_torch_with_learner_record(rule):
     assert int(native_d.counts.sum()) > 0 and float(ema.sum()) > 0
 
 
+def test_a_kept_workspace_decides_as_a_fresh_one_whatever_tensors_change():
+    """The C decision keeps prepared arguments in the workspace (raw pointers): every call must
+    still use the tensors it is given. One workspace through new parameter tensors (growth,
+    a load), a new LIF state, another batch size and back, against a fresh workspace each call."""
+    g = torch.Generator().manual_seed(8)
+    lif = lif_constants(OrganismConfig())
+    stdp = kernels.STDPOptions(*stdp_step_weights(0.8, 10), 0.5)
+    kept = kernels.Workspace()
+    params, H = random_params(g, H=70), 70
+    states = {B: (torch.zeros(B, H), torch.zeros(B, H)) for B in (6, 9)}
+    ema = torch.zeros(H)
+    for step, B in enumerate((6, 6, 9, 6, 9, 9, 6)):
+        if step in (2, 5):  # new parameter tensors of other values (as after a load)
+            params = random_params(g, H=H)
+        if step == 4:  # a new LIF state of the same shape (as after reset_state)
+            states[9] = (torch.rand(9, H, generator=g) * 0.5, torch.zeros(9, H))
+        v, i = states[B]
+        fresh_v, fresh_i, fresh_ema = v.clone(), i.clone(), ema.clone()
+        obs, uniform = sparse_observations(g, B), torch.rand(B, generator=g)
+        options = dict(choose="sample", uniform=uniform, keep=("obs", "hidden_post", "action_post"), stdp=stdp)
+        mine = kernels.decide(obs, params, lif, v, i, 10, rate=(ema, 0.05), workspace=kept, **options)
+        theirs = kernels.decide(obs, params, lif, fresh_v, fresh_i, 10, rate=(fresh_ema, 0.05), **options)
+        assert torch.equal(mine.counts, theirs.counts) and torch.equal(mine.logits, theirs.logits), step
+        assert torch.equal(mine.actions, theirs.actions), step
+        assert all(torch.equal(mine.outputs[k], theirs.outputs[k]) for k in options["keep"]), step
+        assert torch.equal(v, fresh_v) and torch.equal(i, fresh_i) and torch.equal(ema, fresh_ema), step
+        greedy = kernels.decide(obs, params, lif, v.clone(), i.clone(), 10, workspace=kept)
+        assert torch.equal(greedy.actions, kernels.decide(obs, params, lif, v.clone(), i.clone(), 10).actions)
+    assert len(kept.plans) <= kernels.Workspace.MAX_PLANS
+    with pytest.raises(ValueError, match="input_weight must be a contiguous float32 tensor of shape"):
+        kernels.decide(sparse_observations(g, 6, N=449), params, lif, *states[6], 10, workspace=kept)
+    with pytest.raises(ValueError, match="v must be a contiguous float32 tensor of shape"):
+        kernels.decide(sparse_observations(g, 6), params, lif, torch.zeros(6, H + 1), torch.zeros(6, H), 10)
+
+
 def test_greedy_decide_takes_the_first_largest_logit(backend):
     g = torch.Generator().manual_seed(8)
     params = random_params(g, H=64)

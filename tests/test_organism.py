@@ -344,3 +344,21 @@ def test_rollout_slots_are_the_buffers_rows_and_a_shape_change_mid_rollout_is_re
     wider = {"a": ((5, 2), torch.float32)}
     assert rollout.slots(wider, 0, 4, torch.device("cpu"))["a"].shape == (5, 2)  # a new rollout reallocates
     assert rollout.view("a").shape == (0, 5, 2)
+
+
+def test_a_copied_organism_decides_on_its_own_tensors():
+    """The decision kernel's prepared arguments hold raw pointers: a deep copy of an organism
+    that has decided must not write into the original's LIF state or rates."""
+    organism = Organism(OrganismConfig(init_hidden=48, max_hidden=48, seed=3))
+    env = BatchedForagingGrid(4, seed=3)
+    obs, _ = live(organism, env, 20)
+    twin = copy.deepcopy(organism)
+    before = [t.clone() for t in (organism.v, organism.i, organism.rate_ema)]
+    for _ in range(5):
+        twin.learn_act(obs)
+        twin.act(obs)
+    assert all(torch.equal(a, b) for a, b in zip(before, (organism.v, organism.i, organism.rate_ema)))
+    assert not torch.equal(twin.v, organism.v)  # the copy's own state moved
+    # and the original still decides as a fresh copy of itself does
+    again = copy.deepcopy(organism)
+    assert torch.equal(organism.act(obs), again.act(obs)) and torch.equal(organism.v, again.v)
