@@ -701,26 +701,63 @@ int gsnn_reinforce_backward(int64_t R, int64_t N, int64_t H, int64_t T, int64_t 
  *   dW (N, H) = scale sum_r w_r obs_r^T hidden_post_r,   db (H) = scale sum_r w_r hidden_post_r,
  *   dWout (H, A) = scale sum_r counts_r^T (w_r action_post_r),  dbout (A) = scale sum_r w_r action_post_r.
  * obs (R, N); hidden_post, counts (R, H); action_post (R, A); w (R). Every output is written.
- * Returns 0, or -1 if out of memory. */
+ *
+ * dW is summed input by input: the active entries are regrouped by input k (chunks of STDP_ROWS
+ * rows, each input's rows in increasing order, coefficient w_r * obs_r[k]), and each row of a
+ * block of dW is summed in registers and stored once, scaled, at the last chunk where its input
+ * is active (partial sums of earlier chunks wait in `keep`); an input never active gets a row of
+ * zeros. Each element is the same sum in the same order as row by row (0 + (sum_r c_r g_r) * scale),
+ * without a read-modify-write of every active input's row for every row, and without dense
+ * passes over dW to clear, scale and add it. Returns 0, or -1 if out of memory. */
+#define STDP_ROWS 256 /* a chunk of hidden_post's block: 64 KB, in L2 while its inputs are summed */
 int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const float *obs, const float *hidden_post,
                           const float *counts, const float *action_post, const float *w, float scale, float *dW,
                           float *db, float *dWout, float *dbout) {
-    float *block = malloc(sizeof(float) * (size_t)(N * HBLOCK + A * HBLOCK + A));
     active_rows act;
-    if (!block || scan_all_rows(R, N, obs, &act) != 0) {
-        free(block);
+    if (scan_all_rows(R, N, obs, &act) != 0) return -1;
+    const int64_t chunks = (R + STDP_ROWS - 1) / STDP_ROWS, total = act.start[R];
+    int64_t *start = calloc((size_t)(chunks * N + 1), sizeof(int64_t)), *cursor = malloc(sizeof(int64_t) * (size_t)N);
+    int32_t *rows = malloc(sizeof(int32_t) * (size_t)(total + 1)), *first = malloc(sizeof(int32_t) * (size_t)(2 * N));
+    float *coefs = malloc(sizeof(float) * (size_t)(total + 1));
+    float *keep = malloc(sizeof(float) * (size_t)(N * HBLOCK + A * HBLOCK + A + STDP_ROWS * HBLOCK));
+    if (!start || !cursor || !rows || !first || !coefs || !keep) {
+        free(start), free(cursor), free(rows), free(first), free(coefs), free(keep);
+        free_rows(&act);
         return -1;
     }
-    float *ro = block + N * HBLOCK, *coef = ro + A * HBLOCK;
+    int32_t *last = first + N;
+    float *ro = keep + N * HBLOCK, *coef = ro + A * HBLOCK, *panel = coef + A;
+    /* regroup: start[c * N + k] = first entry of input k in chunk c */
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t e = act.start[r]; e < act.start[r + 1]; e++) start[(r / STDP_ROWS) * N + act.cols[e] + 1]++;
+    for (int64_t j = 0; j < chunks * N; j++) start[j + 1] += start[j];
+    for (int64_t k = 0; k < N; k++) first[k] = last[k] = -1;
+    for (int64_t c = 0; c < chunks; c++) {
+        for (int64_t k = 0; k < N; k++) {
+            cursor[k] = start[c * N + k];
+            if (start[c * N + k + 1] > cursor[k]) {
+                if (first[k] < 0) first[k] = (int32_t)c;
+                last[k] = (int32_t)c;
+            }
+        }
+        const int64_t r1 = (c + 1) * STDP_ROWS < R ? (c + 1) * STDP_ROWS : R;
+        for (int64_t r = c * STDP_ROWS; r < r1; r++)
+            for (int64_t e = act.start[r]; e < act.start[r + 1]; e++) {
+                const int64_t at = cursor[act.cols[e]]++;
+                rows[at] = (int32_t)r;
+                coefs[at] = w[r] * act.vals[e];
+            }
+    }
+    for (int64_t k = 0; k < N; k++)
+        if (first[k] < 0) memset(dW + k * H, 0, sizeof(float) * (size_t)H);
     for (int64_t a = 0; a < A; a++) dbout[a] = 0.0f;
     for (int64_t r = 0; r < R; r++)
         for (int64_t a = 0; a < A; a++) dbout[a] += w[r] * action_post[r * A + a];
     for (int64_t a = 0; a < A; a++) dbout[a] *= scale;
-    memset(dW, 0, sizeof(float) * (size_t)(N * H));
+    const vf8 zero = splat8(0.0f), scale8 = splat8(scale);
     for (int64_t h0 = 0; h0 < H; h0 += HBLOCK) {
         const int64_t n = H - h0 < HBLOCK ? H - h0 : HBLOCK;
         float bias[HBLOCK];
-        memset(block, 0, sizeof(float) * (size_t)(N * n));
         memset(ro, 0, sizeof(float) * (size_t)(A * HBLOCK));
         for (int64_t h = 0; h < n; h++) bias[h] = 0.0f;
         for (int64_t r = 0; r < R; r++) {
@@ -729,17 +766,49 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
             axpy_block(n, w[r], hidden_post + o, bias);
             for (int64_t a = 0; a < A; a++) coef[a] = w[r] * action_post[r * A + a];
             readout_block(n, A, counts + o, coef, ro);
-            const int64_t s = act.start[r];
-            scatter_block(n, (int32_t)(act.start[r + 1] - s), act.cols + s, act.vals + s, w[r], 1, hidden_post + o,
-                          block);
         }
-        for (int64_t k = 0; k < N * n; k++) block[k] *= scale;
-        block_copy(N, H, h0, n, dW, block, 1);
+        for (int64_t c = 0; c < chunks; c++) {
+            /* the chunk's rows of this block of hidden_post, side by side (rows H floats apart
+             * fall into a few cache sets) */
+            const int64_t r0 = c * STDP_ROWS, r1 = r0 + STDP_ROWS < R ? r0 + STDP_ROWS : R;
+            for (int64_t r = r0; r < r1; r++)
+                memcpy(panel + (r - r0) * HBLOCK, hidden_post + r * H + h0, sizeof(float) * (size_t)n);
+            for (int64_t k = 0; k < N; k++) {
+                const int64_t e0 = start[c * N + k], e1 = start[c * N + k + 1];
+                if (e0 == e1) continue;
+                float *partial = keep + k * HBLOCK, *dst = dW + k * H + h0;
+                const int begin = c == first[k], end = c == last[k];
+                if (n == HBLOCK) {
+                    vf8 acc[HBLOCK / LANES];
+                    for (int j = 0; j < HBLOCK / LANES; j++) acc[j] = begin ? zero : load8(partial + j * LANES);
+                    for (int64_t e = e0; e < e1; e++) {
+                        const vf8 o = splat8(coefs[e]);
+                        const float *g = panel + (rows[e] - r0) * HBLOCK;
+                        for (int j = 0; j < HBLOCK / LANES; j++) acc[j] = acc[j] + o * load8(g + j * LANES);
+                    }
+                    for (int j = 0; j < HBLOCK / LANES; j++) {
+                        if (end)
+                            store8(dst + j * LANES, zero + acc[j] * scale8);
+                        else
+                            store8(partial + j * LANES, acc[j]);
+                    }
+                } else {
+                    for (int64_t h = 0; h < n; h++) {
+                        float sum = begin ? 0.0f : partial[h];
+                        for (int64_t e = e0; e < e1; e++) sum += coefs[e] * panel[(rows[e] - r0) * HBLOCK + h];
+                        if (end)
+                            dst[h] = 0.0f + sum * scale;
+                        else
+                            partial[h] = sum;
+                    }
+                }
+            }
+        }
         for (int64_t h = 0; h < n; h++) db[h0 + h] = bias[h] * scale;
         for (int64_t k = 0; k < A * HBLOCK; k++) ro[k] *= scale;
         readout_store(n, A, h0, ro, dWout);
     }
-    free(block);
+    free(start), free(cursor), free(rows), free(first), free(coefs), free(keep);
     free_rows(&act);
     return 0;
 }

@@ -278,6 +278,33 @@ def test_rstdp_directions_native_equal_torch():
         torch.testing.assert_close(torch_out[name], value * (-1.0 / R), rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("R", [7, 256, 600])  # one chunk of rows, exactly one, three (the last partial)
+def test_native_rstdp_input_directions_are_the_row_ordered_sum_bit_for_bit(R):
+    """The C kernel sums dW input by input over chunks of rows; each element must be the same
+    float32 sum as row by row in increasing order, 0 + (sum_r (w_r obs_rk) g_r) * scale, for
+    full and partial blocks of neurons, inputs active in one chunk or several, and inputs never
+    active (exact zeros)."""
+    g = torch.Generator().manual_seed(21)
+    N, H, A = 450, 200, 4  # three blocks of 64 neurons and one of 8
+    obs = sparse_observations(g, R)
+    obs[:, 5] = 0.0  # never active
+    obs[:, 3] = 0.0
+    obs[R - 1, 3] = 1.0 if R > 300 else 0.0  # active only in the last chunk's last row
+    w, hidden_post = torch.randn(R, generator=g), torch.randn(R, H, generator=g)
+    counts, action_post = torch.randint(0, 5, (R, H), generator=g).float(), torch.randn(R, A, generator=g)
+    scale = -1.0 / R
+    out = kernels.rstdp_directions(obs, hidden_post, counts, action_post, w, scale)
+    acc = torch.zeros(N, H)
+    for r in range(R):
+        active = torch.nonzero(obs[r]).flatten()
+        acc[active] = acc[active] + (w[r] * obs[r, active]).unsqueeze(1) * hidden_post[r]
+    expected = torch.zeros(N, H) + acc * torch.tensor(scale, dtype=torch.float32)
+    assert torch.equal(out["input_weight"], expected)
+    untouched = (obs == 0).all(dim=0)
+    assert bool(untouched[5]) and bool(untouched[3]) == (R <= 300)
+    assert torch.equal(out["input_weight"][untouched], torch.zeros(int(untouched.sum()), H))
+
+
 @pytest.mark.parametrize("v_leak, v_reset", PARAMETER_SETS)
 def test_reinforce_gradients_equal_autograd_of_the_loss_through_norse(backend, v_leak, v_reset):
     """The written-out gradient (policy logits, readout, T surrogate steps per decision, sparse
