@@ -225,7 +225,9 @@ def serve_cluster() -> None:
     """The node-loss test's cluster, run as ``python tests/test_cluster.py serve`` in the
     environment the test gives it (HOME with the token, RAY_TMPDIR, RAY_AUTH_MODE=token): a head
     with no CPUs (it coordinates; organisms go to the workers) and two worker nodes of 2 CPUs
-    each. Its first answer (a ``REPLY`` line) gives the address. Then it obeys lines on stdin:
+    and 1 GPU each (logical GPUs: Ray schedules them, torch here has none, as on a GPU node whose
+    torch is a CPU build). Its first answer (a ``REPLY`` line) gives the address. Then it obeys
+    lines on stdin:
     ``crash`` crashes the worker node that runs the most organism actors at that moment (SIGKILL
     to its raylet and to every process the raylet started, as when a machine vanishes) and
     answers with the organism actors it killed; ``shutdown``, or the end of input, shuts the
@@ -238,7 +240,7 @@ def serve_cluster() -> None:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": free_port(),
     })
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
 
     def raylet_pid(node) -> int:
         return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
@@ -280,6 +282,18 @@ def read_rows(run_dir: Path) -> list[dict]:
 
 
 CONNECT = "import sys, ray; ray.init(address=sys.argv[1])"
+# The cluster's GPUs and the most of them its actors have held at once, a line each time that
+# grows, polled until they hold all of them.
+GPUS_HELD = CONNECT + """
+import time
+total, held = ray.cluster_resources().get("GPU", 0), -1.0
+while held < total:
+    now = total - ray.available_resources().get("GPU", 0)
+    if now > held:
+        held = now
+        print("GPU", total, held, flush=True)
+    time.sleep(0.2)
+"""
 
 
 def test_population_survives_losing_a_worker_node(tmp_path):
@@ -294,7 +308,7 @@ def test_population_survives_losing_a_worker_node(tmp_path):
                    env=env, check=True, capture_output=True, timeout=60)
     run_dir = tmp_path / "run"
     log_path = tmp_path / "driver.log"
-    server = driver = intruder = None
+    server = driver = intruder = gpus = None
     try:
         server = subprocess.Popen([sys.executable, __file__, "serve"], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
@@ -305,6 +319,8 @@ def test_population_survives_losing_a_worker_node(tmp_path):
                 [sys.executable, "-m", "population.run", "--address", cluster["address"],
                  "--pop", str(POP), "--generations", str(GENERATIONS), "--output", str(run_dir), *TINY],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        gpus = subprocess.Popen([sys.executable, "-c", GPUS_HELD, cluster["address"]], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
         # Once results arrive, crash the worker node that holds the most organism actors.
         deadline = time.time() + 150
@@ -325,10 +341,16 @@ def test_population_survives_losing_a_worker_node(tmp_path):
 
         code = driver.wait(timeout=240)
         assert code == 0, log_path.read_text()
+        # The four organisms held the cluster's 2 GPUs, all of it at once: 0.5 each.
+        if gpus.poll() is None:
+            gpus.kill()
+        out, _ = gpus.communicate(timeout=60)
+        held = [line.split()[1:] for line in out.splitlines() if line.startswith("GPU ")]
+        assert held and [float(x) for x in held[-1]] == [2.0, 2.0], out
         out, _ = intruder.communicate(timeout=120)
         assert intruder.returncode != 0 and "InvalidAuthToken" in out, out
     finally:
-        alive = [p for p in (server, driver, intruder) if p is not None and p.poll() is None]
+        alive = [p for p in (server, driver, intruder, gpus) if p is not None and p.poll() is None]
         processes = snapshot({pid for p in alive for pid in (p.pid, *descendants(p.pid))}
                              | set(processes_using(ray_dir)))
         if server is not None and server.poll() is None:
@@ -344,6 +366,10 @@ def test_population_survives_losing_a_worker_node(tmp_path):
     # Every organism completed every generation, each (organism, generation) exactly once.
     rows = read_rows(run_dir)
     assert len(rows) == POP * GENERATIONS
+    # The GPU share was the cluster's GPUs divided by the population; with no GPU torch can use,
+    # the organisms ran on the CPU with no change of command.
+    assert "resources per organism: 1 CPU, 0.5 GPU (cluster: 4 CPU, 2 GPU)" in log_path.read_text()
+    assert {row["device"] for row in rows} == {"cpu"}
     assert_complete(rows, pop=POP, generations=GENERATIONS)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [g["generation"] for g in summary["generations"]] == list(range(1, GENERATIONS + 1))
