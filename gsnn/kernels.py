@@ -142,6 +142,9 @@ class Workspace:
         return buffer
 
 
+KEEP = ("obs", "x", "v0", "i0", "hidden_post", "action_post")  # what a learner may keep of a decision
+
+
 def decide(
     obs: torch.Tensor,  # (B, N)
     params: dict[str, torch.Tensor],  # input_weight (N, H), hidden_bias (H,), readout_weight (H, A), readout_bias (A,)
@@ -151,7 +154,7 @@ def decide(
     steps: int,
     choose: str | None = "greedy",  # "greedy" (argmax), "sample" (needs uniform), or None
     uniform: torch.Tensor | None = None,  # (B,) in [0, 1)
-    keep: tuple[str, ...] = (),  # learner outputs: "obs", "x", "v0", "i0", "hidden_post", "action_post"
+    keep: tuple[str, ...] = (),  # learner outputs, of KEEP
     stdp: STDPOptions | None = None,  # needed for "hidden_post"
     rate: tuple[torch.Tensor, float] | None = None,  # (rate_ema (H,), alpha): updated in place
     out: dict[str, torch.Tensor] | None = None,  # where to write outputs (else they are allocated)
@@ -163,6 +166,9 @@ def decide(
     (valid until its next use) and the rest is allocated."""
     if choose not in ("greedy", "sample", None) or (choose == "sample") != (uniform is not None):
         raise ValueError("choose='sample' needs uniform numbers; 'greedy' and None take none")
+    for name in keep:
+        if name not in KEEP:
+            raise ValueError(f"decide: keep names one of {', '.join(KEEP)}, got {name!r}")
     if "hidden_post" in keep and (stdp is None or choose != "sample"):
         raise ValueError("hidden_post needs stdp options and a sampled action")
     if use_native(obs.device):
@@ -190,15 +196,18 @@ class _DecidePlan:
     between decisions filled in once: parameters, LIF state, rate statistics, STDP weights,
     scratch. ``pins`` holds the tensors those pointers come from: the plan serves a call only
     when the call's tensors are these very objects (their memory cannot have been reused while
-    the plan holds them), so growth, pruning, a load or a new LIF state make a new plan. A call
-    then sets only the observation, the uniform numbers and its outputs: at 16 worlds the
-    arguments cost a few microseconds instead of as long as the decision itself."""
+    the plan holds them) and still at the same addresses (``t.data = ...``, ``set_`` or a growing
+    ``resize_`` moves a tensor's memory and leaves the object), so growth, pruning, a load or a
+    new LIF state make a new plan. A call then sets only the observation, the uniform numbers
+    and its outputs: at 16 worlds the arguments cost a few microseconds instead of as long as the
+    decision itself."""
 
-    __slots__ = ("pins", "args", "counts", "logits", "ref")
+    __slots__ = ("pins", "addresses", "args", "counts", "logits", "ref")
 
     def __init__(self, pins: tuple, B: int, N: int, H: int, A: int, steps: int, stdp, rate, ws: Workspace):
         W, b, wout, bout, p, v, i, rate_ema, pre_w, post_w = pins
         self.pins = pins
+        self.addresses = tuple(0 if t is None else t.data_ptr() for t in pins)
         self.counts = ws.get("counts", B * H, torch.float32)[: B * H].view(B, H)
         self.logits = ws.get("logits", B * A, torch.float32)[: B * A].view(B, A)
         scratch = (ws.get("scratch", H * (A + 2) + A + N * HBLOCK, torch.float32),
@@ -218,6 +227,13 @@ class _DecidePlan:
         if rate_ema is not None:
             self.args.rate_ema, self.args.rate_alpha = rate_ema.data_ptr(), rate[1]
 
+    def serves(self, pins: tuple) -> bool:
+        """The plan's pointers are those of these tensors (see the class)."""
+        for mine, theirs, address in zip(self.pins, pins, self.addresses):
+            if mine is not theirs or (mine is not None and mine.data_ptr() != address):
+                return False
+        return True
+
 
 def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, rate, out, ws) -> Decision:
     obs = _c(obs)
@@ -230,7 +246,7 @@ def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, r
             stdp.pre_weights if with_stdp else None, stdp.post_weights if with_stdp else None)
     key = (B, N, H, A, steps, None if rate is None else rate[1], stdp.depression_ratio if with_stdp else None)
     plan = ws.plans.get(key)
-    if plan is None or any(mine is not theirs for mine, theirs in zip(plan.pins, pins)):
+    if plan is None or not plan.serves(pins):
         checks = {"input_weight": (W, (N, H)), "hidden_bias": (b, (H,)), "readout_weight": (wout, (H, A)),
                   "readout_bias": (bout, (A,)), "v": (v, (B, H)), "i": (i, (B, H))}
         if rate is not None:

@@ -206,7 +206,8 @@ def test_decide_native_equals_torch_with_learner_record(rule):
 def test_a_kept_workspace_decides_as_a_fresh_one_whatever_tensors_change():
     """The C decision keeps prepared arguments in the workspace (raw pointers): every call must
     still use the tensors it is given. One workspace through new parameter tensors (growth,
-    a load), a new LIF state, another batch size and back, against a fresh workspace each call."""
+    a load), a new LIF state, another batch size and back, and tensors that keep their identity
+    but move their memory (``.data =``, ``set_``), against a fresh workspace each call."""
     g = torch.Generator().manual_seed(8)
     lif = lif_constants(OrganismConfig())
     stdp = kernels.STDPOptions(*stdp_step_weights(0.8, 10), 0.5)
@@ -219,6 +220,10 @@ def test_a_kept_workspace_decides_as_a_fresh_one_whatever_tensors_change():
             params = random_params(g, H=H)
         if step == 4:  # a new LIF state of the same shape (as after reset_state)
             states[9] = (torch.rand(9, H, generator=g) * 0.5, torch.zeros(9, H))
+        if step == 1:  # the same tensor objects, their memory elsewhere (the old memory freed)
+            params["input_weight"].data = torch.randn(450, H, generator=g) * 0.1
+            states[6][0].set_(torch.rand(6, H, generator=g) * 0.5)
+            scribble = [torch.full((450, H), 1e6) for _ in range(8)]  # noqa: F841 (reuses freed memory)
         v, i = states[B]
         fresh_v, fresh_i, fresh_ema = v.clone(), i.clone(), ema.clone()
         obs, uniform = sparse_observations(g, B), torch.rand(B, generator=g)
@@ -236,6 +241,13 @@ def test_a_kept_workspace_decides_as_a_fresh_one_whatever_tensors_change():
         kernels.decide(sparse_observations(g, 6, N=449), params, lif, *states[6], 10, workspace=kept)
     with pytest.raises(ValueError, match="v must be a contiguous float32 tensor of shape"):
         kernels.decide(sparse_observations(g, 6), params, lif, torch.zeros(6, H + 1), torch.zeros(6, H), 10)
+
+
+def test_decide_refuses_an_unknown_output_to_keep(backend):
+    g = torch.Generator().manual_seed(8)
+    with pytest.raises(ValueError, match="keep names one of obs, x, v0, i0, hidden_post, action_post, got 'counts'"):
+        kernels.decide(sparse_observations(g, 4), random_params(g, H=64), lif_constants(OrganismConfig()),
+                       torch.zeros(4, 64), torch.zeros(4, 64), 10, keep=("obs", "counts"))
 
 
 def test_greedy_decide_takes_the_first_largest_logit(backend):
