@@ -119,8 +119,10 @@ def check_ports_free(config: run_config.RunConfig, args) -> None:
         return
     import socket
 
+    # The metrics exporter listens on every interface unless ray.loopback_only keeps it on 127.0.0.1.
+    metrics_host = "127.0.0.1" if config.ray.loopback_only else "0.0.0.0"
     for key, host, port in (("dashboard_port", config.ray.dashboard_host, config.ray.dashboard_port),
-                            ("metrics_export_port", "127.0.0.1", config.ray.metrics_export_port)):
+                            ("metrics_export_port", metrics_host, config.ray.metrics_export_port)):
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
             # As the servers themselves bind: a port left in TIME_WAIT by a finished run is free.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -200,17 +200,22 @@ def test_a_busy_port_is_one_line_before_ray_starts(tmp_path):
     one line naming the setting, exit 2, nothing created, no Ray started."""
     import socket
 
-    for key in ("dashboard_port", "metrics_export_port"):
+    # Without ray.loopback_only the metrics exporter listens on every interface: a port taken on
+    # loopback alone is busy for it too.
+    for key, loopback_only, host in (("dashboard_port", "true", "127.0.0.1"),
+                                     ("metrics_export_port", "true", "127.0.0.1"),
+                                     ("metrics_export_port", "false", "0.0.0.0")):
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            output = tmp_path / key
+            output = tmp_path / f"{key}-{loopback_only}"
             out = subprocess.run([sys.executable, "-m", "population.run", "--pop", "2", "--output", str(output),
-                                  "--set", f"ray.{key}={port}"], capture_output=True, text=True, timeout=60)
+                                  "--set", f"ray.{key}={port}", "--set", f"ray.loopback_only={loopback_only}"],
+                                 capture_output=True, text=True, timeout=60)
         assert out.returncode == 2, (key, out.stdout, out.stderr)
         lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: ray.{key}: 127.0.0.1:{port} is not free"), lines
+        assert len(lines) == 1 and lines[0].startswith(f"error: ray.{key}: {host}:{port} is not free"), lines
         assert f"--set ray.{key}=PORT" in lines[0]
         assert not output.exists() and "Ray dashboard" not in out.stdout
 
