@@ -61,35 +61,32 @@ def _kib(text: str, field: str) -> int:
     return 0
 
 
+def _read(pids: list[int], name: str, fields: dict[str, str]) -> list[dict]:
+    """For each process that still exists, the sizes named in ``/proc/PID/<name>`` (key -> its
+    label there, in kB) in bytes, and whether it is an organism's actor."""
+    out = []
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/{name}").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out.append({"pid": pid, **{key: _kib(text, label) * 1024 for key, label in fields.items()},
+                    "actor": "OrganismTr" in cmdline})  # ray::OrganismTrainable.*, maybe cut short
+    return out
+
+
 def resident(pids: list[int]) -> list[dict]:
     """RSS and peak RSS (``VmRSS``, ``VmHWM``; bytes) of each process that still exists, from
     ``/proc/PID/status``: about 0.1 ms a process, where ``sample``'s smaps_rollup walks every page
     table of the process under its memory lock (about 5 ms for a 400 MB actor: 0.12 s of CPU for
     one sweep over a pop-8 run's 27 processes)."""
-    out = []
-    for pid in pids:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        out.append({"pid": pid, "rss": _kib(status, "VmRSS:") * 1024, "rss_peak": _kib(status, "VmHWM:") * 1024,
-                    "actor": "OrganismTr" in cmdline})  # ray::OrganismTrainable.*, maybe cut short
-    return out
+    return _read(pids, "status", {"rss": "VmRSS:", "rss_peak": "VmHWM:"})
 
 
 def sample(pids: list[int]) -> list[dict]:
     """RSS and PSS (bytes) of each process that still exists (costly: see ``resident``)."""
-    out = []
-    for pid in pids:
-        try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        out.append({"pid": pid, "rss": _kib(rollup, "Rss:") * 1024, "pss": _kib(rollup, "Pss:") * 1024,
-                    "actor": "OrganismTr" in cmdline})  # ray::OrganismTrainable.*, maybe cut short
-    return out
+    return _read(pids, "smaps_rollup", {"rss": "Rss:", "pss": "Pss:"})
 
 
 def mem_available() -> int:
