@@ -100,44 +100,40 @@ static inline void lif_32(int64_t T, const float *restrict x, const vf8 *q, floa
     }
 }
 
-/* lif_32 for 16 neurons that also sums their STDP factor (two groups of eight: the factors take
- * the registers that two more groups would need; with AVX-512's 32 registers four groups were
- * measured slower still, 145k against 159k R-STDP decisions/s at H = 512, B = 256). */
-static inline void lif_16_stdp(int64_t T, const float *restrict x, const vf8 *q, float *restrict v, float *restrict i,
-                               float *restrict counts, const float *restrict pre_w, const float *restrict post_w,
-                               float ratio, float *restrict stdp, const int leak_zero) {
-    vf8 vj[2], ij[2], xj[2], pot[2], dep[2];
-    vi8 c[2];
-    for (int k = 0; k < 2; k++) {
+/* lif_32 that also sums each neuron's STDP factor, sum_t z_t w[t] (gsnn.neurons.stdp_step_weights):
+ * one more register per group of eight, and one AND and one add per step. */
+static inline void lif_32_stdp(int64_t T, const float *restrict x, const vf8 *q, float *restrict v, float *restrict i,
+                               float *restrict counts, const float *restrict w, float *restrict stdp,
+                               const int leak_zero) {
+    vf8 vj[4], ij[4], xj[4], f[4];
+    vi8 c[4];
+    for (int k = 0; k < 4; k++) {
         vj[k] = load8(v + k * LANES);
         ij[k] = load8(i + k * LANES);
         xj[k] = load8(x + k * LANES);
-        pot[k] = dep[k] = splat8(0.0f);
+        f[k] = splat8(0.0f);
         c[k] = (vi8){0, 0, 0, 0, 0, 0, 0, 0};
     }
     for (int64_t t = 0; t < T; t++) {
-        const vf8 wp = splat8(pre_w[t]), wd = splat8(post_w[t]);
-        for (int k = 0; k < 2; k++) {
+        const vf8 wt = splat8(w[t]);
+        for (int k = 0; k < 4; k++) {
             const vi8 spike = lif_step8(xj[k], &vj[k], &ij[k], q, leak_zero);
             c[k] -= spike;
-            pot[k] += (vf8)(spike & (vi8)wp); /* z * wp: wp or +0, the same sum */
-            dep[k] += (vf8)(spike & (vi8)wd);
+            f[k] += (vf8)(spike & (vi8)wt); /* z * w: w or +0, the same sum */
         }
     }
-    const vf8 r = splat8(ratio);
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 4; k++) {
         store8(v + k * LANES, vj[k]);
         store8(i + k * LANES, ij[k]);
         vf8 cf;
         for (int l = 0; l < LANES; l++) cf[l] = (float)c[k][l];
         store8(counts + k * LANES, cf);
-        store8(stdp + k * LANES, pot[k] - r * dep[k]);
+        store8(stdp + k * LANES, f[k]);
     }
 }
 
 /* T steps of n neurons with constant input x, in place on v and i; counts receive the spikes.
- * With pre_w non-NULL also the STDP factor stdp = sum_t (pre_w[t] - ratio * post_w[t]) z_t
- * summed as pot - ratio * dep (see gsnn.neurons.STDPFactors). */
+ * lif_block_stdp also sums the STDP factor stdp = sum_t z_t w[t] in step order. */
 static inline void lif_block(int64_t n, int64_t T, const float *restrict x, const float *restrict p,
                              float *restrict v, float *restrict i, float *restrict counts) {
     if (n == HBLOCK) {
@@ -164,34 +160,30 @@ static inline void lif_block(int64_t n, int64_t T, const float *restrict x, cons
 
 static inline void lif_block_stdp(int64_t n, int64_t T, const float *restrict x, const float *restrict p,
                                   float *restrict v, float *restrict i, float *restrict counts,
-                                  const float *restrict pre_w, const float *restrict post_w, float ratio,
-                                  float *restrict stdp) {
+                                  const float *restrict w, float *restrict stdp) {
     if (n == HBLOCK) {
         const vf8 q[5] = {splat8(p[0]), splat8(p[1]), splat8(p[2]), splat8(p[3]), splat8(p[4])};
-        for (int64_t j = 0; j < HBLOCK; j += 2 * LANES) {
+        for (int64_t j = 0; j < HBLOCK; j += 4 * LANES) {
             if (p[2] == 0.0f)
-                lif_16_stdp(T, x + j, q, v + j, i + j, counts + j, pre_w, post_w, ratio, stdp + j, 1);
+                lif_32_stdp(T, x + j, q, v + j, i + j, counts + j, w, stdp + j, 1);
             else
-                lif_16_stdp(T, x + j, q, v + j, i + j, counts + j, pre_w, post_w, ratio, stdp + j, 0);
+                lif_32_stdp(T, x + j, q, v + j, i + j, counts + j, w, stdp + j, 0);
         }
         return;
     }
     const float q[5] = {p[0], p[1], p[2], p[3], p[4]};
-    float pot[HBLOCK], dep[HBLOCK];
-    for (int64_t h = 0; h < n; h++) counts[h] = pot[h] = dep[h] = 0.0f;
+    for (int64_t h = 0; h < n; h++) counts[h] = stdp[h] = 0.0f;
     for (int64_t t = 0; t < T; t++) {
-        const float wp = pre_w[t], wd = post_w[t];
+        const float wt = w[t];
         for (int64_t h = 0; h < n; h++) {
             float vh = v[h], ih = i[h], z;
             LIF_STEP(x[h], vh, ih, z);
             v[h] = vh;
             i[h] = ih;
             counts[h] += z;
-            pot[h] += z * wp;
-            dep[h] += z * wd;
+            stdp[h] += z * wt;
         }
     }
-    for (int64_t h = 0; h < n; h++) stdp[h] = pot[h] - ratio * dep[h];
 }
 
 static inline double sum8(const float *restrict part) {
@@ -435,9 +427,8 @@ typedef struct {
     const float *uniform; /* (B) in [0, 1): action = first a with cumsum(softmax(logits))_a > u */
     float *obs_out;       /* (B, N) out: a copy of obs */
     float *x_out, *v0_out, *i0_out; /* (B, H) out: input current, state before the decision */
-    const float *pre_w, *post_w;    /* (T) STDP step weights (gsnn.neurons.stdp_step_weights) */
-    float depression_ratio;
-    float *hidden_post;   /* (B, H) out, with pre_w: (pot - ratio * dep) * (wout @ action_post) */
+    const float *stdp_w;  /* (T) STDP step weights (gsnn.neurons.stdp_step_weights) */
+    float *hidden_post;   /* (B, H) out, with stdp_w: (sum_t z_t stdp_w[t]) * (wout @ action_post) */
     float *action_post;   /* (B, A) out: onehot(action) - softmax(logits) */
     float *rate_ema;      /* (H) in place: ema * (1 - alpha) + (alpha / T) * mean over worlds of counts */
     float rate_alpha;
@@ -499,7 +490,7 @@ int gsnn_decide(decide_args *d) {
     transpose(H, A, d->wout, wout_t);
     if (d->rate_ema)
         for (int64_t h = 0; h < H; h++) rate_sum[h] = 0.0f;
-    const int stdp = d->pre_w && d->hidden_post;
+    const int stdp = d->stdp_w && d->hidden_post;
     for (int64_t b0 = 0; b0 < B; b0 += CHUNK_ROWS) {
         const int64_t rows = B - b0 < CHUNK_ROWS ? B - b0 : CHUNK_ROWS;
         int8_t unit[CHUNK_ROWS];
@@ -521,8 +512,7 @@ int gsnn_decide(decide_args *d) {
                 if (d->v0_out) memcpy(d->v0_out + o, d->v + o, (size_t)n * sizeof(float));
                 if (d->i0_out) memcpy(d->i0_out + o, d->i + o, (size_t)n * sizeof(float));
                 if (stdp)
-                    lif_block_stdp(n, T, x, d->p, d->v + o, d->i + o, d->counts + o, d->pre_w, d->post_w,
-                                   d->depression_ratio, d->hidden_post + o);
+                    lif_block_stdp(n, T, x, d->p, d->v + o, d->i + o, d->counts + o, d->stdp_w, d->hidden_post + o);
                 else
                     lif_block(n, T, x, d->p, d->v + o, d->i + o, d->counts + o);
             }
@@ -719,14 +709,15 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
     int64_t *start = calloc((size_t)(chunks * N + 1), sizeof(int64_t)), *cursor = malloc(sizeof(int64_t) * (size_t)N);
     int32_t *rows = malloc(sizeof(int32_t) * (size_t)(total + 1)), *first = malloc(sizeof(int32_t) * (size_t)(2 * N));
     float *coefs = malloc(sizeof(float) * (size_t)(total + 1));
-    float *keep = malloc(sizeof(float) * (size_t)(N * HBLOCK + A * HBLOCK + A + STDP_ROWS * HBLOCK));
-    if (!start || !cursor || !rows || !first || !coefs || !keep) {
-        free(start), free(cursor), free(rows), free(first), free(coefs), free(keep);
+    int8_t *unit = malloc((size_t)(total + 1));
+    float *keep = malloc(sizeof(float) * (size_t)(N * HBLOCK + A * HBLOCK + A + 2 * STDP_ROWS * HBLOCK));
+    if (!start || !cursor || !rows || !first || !coefs || !unit || !keep) {
+        free(start), free(cursor), free(rows), free(first), free(coefs), free(unit), free(keep);
         free_rows(&act);
         return -1;
     }
     int32_t *last = first + N;
-    float *ro = keep + N * HBLOCK, *coef = ro + A * HBLOCK, *panel = coef + A;
+    float *ro = keep + N * HBLOCK, *coef = ro + A * HBLOCK, *panel = coef + A, *scaled = panel + STDP_ROWS * HBLOCK;
     /* regroup: start[c * N + k] = first entry of input k in chunk c */
     for (int64_t r = 0; r < R; r++)
         for (int64_t e = act.start[r]; e < act.start[r + 1]; e++) start[(r / STDP_ROWS) * N + act.cols[e] + 1]++;
@@ -746,6 +737,7 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
                 const int64_t at = cursor[act.cols[e]]++;
                 rows[at] = (int32_t)r;
                 coefs[at] = w[r] * act.vals[e];
+                unit[at] = act.vals[e] == 1.0f; /* its product w_r * g is the scaled panel's row */
             }
     }
     for (int64_t k = 0; k < N; k++)
@@ -773,6 +765,17 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
             const int64_t r0 = c * STDP_ROWS, r1 = r0 + STDP_ROWS < R ? r0 + STDP_ROWS : R;
             for (int64_t r = r0; r < r1; r++)
                 memcpy(panel + (r - r0) * HBLOCK, hidden_post + r * H + h0, sizeof(float) * (size_t)n);
+            /* w_r * g once per row: an entry whose value is 1 has the coefficient w_r * 1 == w_r,
+             * and adds this row (the same product) instead of multiplying again */
+            for (int64_t r = r0; r < r1; r++) {
+                const float wr = w[r];
+                float *dst = scaled + (r - r0) * HBLOCK;
+                const float *src = panel + (r - r0) * HBLOCK;
+                if (n == HBLOCK)
+                    for (int64_t h = 0; h < HBLOCK; h++) dst[h] = wr * src[h];
+                else
+                    for (int64_t h = 0; h < n; h++) dst[h] = wr * src[h];
+            }
             for (int64_t k = 0; k < N; k++) {
                 const int64_t e0 = start[c * N + k], e1 = start[c * N + k + 1];
                 if (e0 == e1) continue;
@@ -782,6 +785,11 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
                     vf8 acc[HBLOCK / LANES];
                     for (int j = 0; j < HBLOCK / LANES; j++) acc[j] = begin ? zero : load8(partial + j * LANES);
                     for (int64_t e = e0; e < e1; e++) {
+                        if (unit[e]) {
+                            const float *gw = scaled + (rows[e] - r0) * HBLOCK;
+                            for (int j = 0; j < HBLOCK / LANES; j++) acc[j] = acc[j] + load8(gw + j * LANES);
+                            continue;
+                        }
                         const vf8 o = splat8(coefs[e]);
                         const float *g = panel + (rows[e] - r0) * HBLOCK;
                         for (int j = 0; j < HBLOCK / LANES; j++) acc[j] = acc[j] + o * load8(g + j * LANES);
@@ -808,7 +816,7 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
         for (int64_t k = 0; k < A * HBLOCK; k++) ro[k] *= scale;
         readout_store(n, A, h0, ro, dWout);
     }
-    free(start), free(cursor), free(rows), free(first), free(coefs), free(keep);
+    free(start), free(cursor), free(rows), free(first), free(coefs), free(unit), free(keep);
     free_rows(&act);
     return 0;
 }

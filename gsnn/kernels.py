@@ -41,8 +41,8 @@ class DecideArgs(ctypes.Structure):
 
     _fields_ = [(name, _I) for name in ("B", "N", "H", "T", "A")] + [
         (name, _P) for name in ("obs", "W", "bias", "p", "v", "i", "counts", "wout", "bout", "logits", "actions",
-                                "uniform", "obs_out", "x_out", "v0_out", "i0_out", "pre_w", "post_w")
-    ] + [("depression_ratio", _F), ("hidden_post", _P), ("action_post", _P), ("rate_ema", _P),
+                                "uniform", "obs_out", "x_out", "v0_out", "i0_out", "stdp_w")
+    ] + [("hidden_post", _P), ("action_post", _P), ("rate_ema", _P),
          ("rate_alpha", _F), ("sums", ctypes.c_double * 3), ("scratch", _P), ("active", _P), ("vals", _P),
          ("n_active", _P)]
 
@@ -89,12 +89,10 @@ class NonFiniteObservation(ValueError):
 
 @dataclass
 class STDPOptions:
-    """R-STDP's per-decision record: step weights (``gsnn.neurons.stdp_step_weights``) and the
-    depression / potentiation ratio of ``hidden_post = (pot - ratio * dep) * feedback``."""
+    """R-STDP's per-decision record: the step weights w of ``hidden_post = (sum_s z_s w_s) *
+    feedback`` (``gsnn.neurons.stdp_step_weights``: potentiation - ratio * depression)."""
 
-    pre_weights: torch.Tensor  # (T,)
-    post_weights: torch.Tensor  # (T,)
-    depression_ratio: float
+    step_weights: torch.Tensor  # (T,) float32
 
 
 @dataclass
@@ -205,7 +203,7 @@ class _DecidePlan:
     __slots__ = ("pins", "addresses", "args", "counts", "logits", "ref")
 
     def __init__(self, pins: tuple, B: int, N: int, H: int, A: int, steps: int, stdp, rate, ws: Workspace):
-        W, b, wout, bout, p, v, i, rate_ema, pre_w, post_w = pins
+        W, b, wout, bout, p, v, i, rate_ema, stdp_w = pins
         self.pins = pins
         self.addresses = tuple(0 if t is None else t.data_ptr() for t in pins)
         self.counts = ws.get("counts", B * H, torch.float32)[: B * H].view(B, H)
@@ -221,9 +219,8 @@ class _DecidePlan:
             scratch=scratch[0].data_ptr(), active=scratch[1].data_ptr(), vals=scratch[2].data_ptr(),
             n_active=scratch[3].data_ptr(),
         )
-        if pre_w is not None:
-            self.args.pre_w, self.args.post_w = pre_w.data_ptr(), post_w.data_ptr()
-            self.args.depression_ratio = stdp.depression_ratio
+        if stdp_w is not None:
+            self.args.stdp_w = stdp_w.data_ptr()
         if rate_ema is not None:
             self.args.rate_ema, self.args.rate_alpha = rate_ema.data_ptr(), rate[1]
 
@@ -243,14 +240,16 @@ def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, r
     H, A = W.shape[1], wout.shape[1]
     with_stdp = stdp is not None and "hidden_post" in keep
     pins = (W, b, wout, bout, lif.tensor, v, i, None if rate is None else rate[0],
-            stdp.pre_weights if with_stdp else None, stdp.post_weights if with_stdp else None)
-    key = (B, N, H, A, steps, None if rate is None else rate[1], stdp.depression_ratio if with_stdp else None)
+            stdp.step_weights if with_stdp else None)
+    key = (B, N, H, A, steps, None if rate is None else rate[1], with_stdp)
     plan = ws.plans.get(key)
     if plan is None or not plan.serves(pins):
         checks = {"input_weight": (W, (N, H)), "hidden_bias": (b, (H,)), "readout_weight": (wout, (H, A)),
                   "readout_bias": (bout, (A,)), "v": (v, (B, H)), "i": (i, (B, H))}
         if rate is not None:
             checks["rate_ema"] = (rate[0], (H,))
+        if with_stdp:
+            checks["stdp.step_weights"] = (stdp.step_weights, (steps,))
         for name, (tensor, shape) in checks.items():  # the C kernel reads them unchecked
             if tuple(tensor.shape) != shape or not tensor.is_contiguous() or tensor.dtype != torch.float32:
                 raise ValueError(f"decide: {name} must be a contiguous float32 tensor of shape {shape}, "
@@ -310,8 +309,8 @@ def _decide_torch(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, ra
     for name, value in (("x", x), ("v0", v), ("i0", i)):
         if name in keep:
             out[name].copy_(value)
-    weights = (stdp.pre_weights, stdp.post_weights) if "hidden_post" in keep else None
-    counts, factors = lif_decision_fast(x, v, i, lif, steps, stdp_weights=weights)
+    weights = stdp.step_weights if "hidden_post" in keep else None
+    counts, factor = lif_decision_fast(x, v, i, lif, steps, stdp_weights=weights)
     out["counts"].copy_(counts)
     W_out = params["readout_weight"]
     # F.linear with a contiguous (A, H) weight is about 4x faster on the CPU than addmm with (H, A)
@@ -329,8 +328,7 @@ def _decide_torch(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, ra
                 out["action_post"].copy_(action_post)
             if "hidden_post" in keep:
                 feedback = action_post @ W_out.T
-                torch.mul(factors.potentiation - stdp.depression_ratio * factors.depression, feedback,
-                          out=out["hidden_post"])
+                torch.mul(factor, feedback, out=out["hidden_post"])
     if rate is not None:
         rate_ema, alpha = rate
         rate_ema.mul_(1 - alpha).add_(counts.mean(0), alpha=alpha / steps)

@@ -94,28 +94,17 @@ def lif_decision_reference(x: torch.Tensor, state, p, steps: int, dt: float):
     return counts, state
 
 
-@dataclass
-class STDPFactors:
-    """Per-neuron STDP sums over one decision (see ``gsnn.plasticity``), each (B, H). The
-    definitions, step by step (both implementations compute them as weighted spike sums, with
-    the weights of ``stdp_step_weights``):
-
-    potentiation: sum over steps of (pre trace scale at the step) x (post spike at the step)
-    depression:   sum over steps of the post trace before the step (pre spikes every step)
-    """
-
-    potentiation: torch.Tensor
-    depression: torch.Tensor
-
-
-def stdp_step_weights(trace_decay: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both STDP factors are spike sums with fixed weights per step s (0-based): the pre trace a
-    post spike meets, w_s = sum_{j<=s} d^j, and the post trace that the pre spikes of later
-    steps meet, c_s = sum_{j<T-1-s} d^j. Returns (w, c), each (T,) float32."""
+def stdp_step_weights(trace_decay: float, steps: int, depression_ratio: float) -> torch.Tensor:
+    """R-STDP's factor of a neuron over one decision (see ``gsnn.plasticity``),
+    potentiation - ratio * depression, is a sum of its spikes with a fixed weight per step s
+    (0-based): a post spike at s meets the pre trace p_s = sum_{j<=s} d^j (potentiation), and
+    adds to the post trace that the pre spikes of the later steps meet, q_s = sum_{j<T-1-s} d^j
+    (depression). Returns the (T,) float32 weights p_s - ratio * q_s, rounded in float32 as the
+    decision kernels use them: the factor is then one sum of T terms, sum_s z_s (p_s - ratio q_s)."""
     powers = [trace_decay**j for j in range(steps)]
-    pre = [sum(powers[: s + 1]) for s in range(steps)]
-    post = [sum(powers[: steps - 1 - s]) for s in range(steps)]
-    return torch.tensor(pre, dtype=torch.float32), torch.tensor(post, dtype=torch.float32)
+    pre = torch.tensor([sum(powers[: s + 1]) for s in range(steps)], dtype=torch.float32)
+    post = torch.tensor([sum(powers[: steps - 1 - s]) for s in range(steps)], dtype=torch.float32)
+    return pre - post * torch.tensor(depression_ratio, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -125,11 +114,12 @@ def lif_decision_fast(
     i: torch.Tensor,
     c: LIFConstants,
     steps: int,
-    stdp_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    stdp_weights: torch.Tensor | None = None,
     record_v: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, STDPFactors | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """T LIF steps in place on ``v`` and ``i`` (both (B, H), updated). Returns the spike counts
-    and, when ``stdp_weights`` (``stdp_step_weights``) are given, the STDP factors.
+    and, when ``stdp_weights`` (``stdp_step_weights``, (T,)) are given, each neuron's STDP factor
+    sum_s z_s w_s ((B, H); else None).
 
     Every intermediate is rounded as in Norse's step (so the result is bit-identical), but the
     spike mask is kept as a float ``keep = (v' <= v_th)``: the reset is then ``v' * keep`` (plus
@@ -139,9 +129,10 @@ def lif_decision_fast(
     kept = torch.zeros_like(x)  # steps without a spike, per neuron
     keep = torch.empty_like(x)
     scratch = torch.empty_like(x)
+    factor = None
     if stdp_weights is not None:
-        pre_weights, post_weights = (w.tolist() for w in stdp_weights)
-        potentiation, depression = torch.zeros_like(x), torch.zeros_like(x)
+        step_weights = stdp_weights.tolist()
+        factor = torch.zeros_like(x)
     for step in range(steps):
         i.add_(x)  # i_new = i + x
         if c.v_leak == 0.0:
@@ -159,13 +150,11 @@ def lif_decision_fast(
         if c.v_reset != 0.0:
             v.add_(torch.sub(1.0, keep).mul_(c.v_reset))
         kept.add_(keep)
-        if stdp_weights is not None:
+        if factor is not None:
             torch.sub(1.0, keep, out=scratch)  # the spikes of this step
-            potentiation.add_(scratch, alpha=pre_weights[step])
-            depression.add_(scratch, alpha=post_weights[step])
-    factors = None if stdp_weights is None else STDPFactors(potentiation, depression)
+            factor.add_(scratch, alpha=step_weights[step])  # w or 0 (z is 0 or 1), summed in step order
     counts = torch.sub(float(steps), kept, out=kept)
-    return counts, factors
+    return counts, factor
 
 
 @torch.no_grad()

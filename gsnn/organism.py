@@ -210,7 +210,7 @@ class Organism:
         """The LIF constants and STDP step weights of the current config."""
         c = self.config
         self.lif = lif_constants(c)
-        self._stdp_weights = stdp_step_weights(c.stdp_trace_decay, c.snn_steps)
+        self._stdp_weights = stdp_step_weights(c.stdp_trace_decay, c.snn_steps, c.stdp_depression)
 
     def _resize(self, transform) -> None:
         """Apply ``transform(tensor, axis)`` to every per-neuron tensor: parameters, Adam moments,
@@ -391,7 +391,7 @@ class Organism:
         else:
             keep = ("obs", "hidden_post", "action_post")
             spec.update(counts=((B, H), f32), hidden_post=((B, H), f32), action_post=((B, c.n_actions), f32))
-            stdp = kernels.STDPOptions(*self._stdp_weights, c.stdp_depression)
+            stdp = kernels.STDPOptions(self._stdp_weights)
         self._record_cache = (key, (spec, keep, stdp), self._stdp_weights)
         return spec, keep, stdp
 

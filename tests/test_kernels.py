@@ -60,8 +60,9 @@ def test_lif_constants_are_norses_own_numbers():
 
 
 def test_stdp_post_factor_matches_a_step_by_step_trace_computation(backend):
-    """hidden_post = (potentiation - ratio * depression) * feedback, feedback = W_out @ action_post;
-    with ratio 0 and 1 from the same state, both factors against explicit traces."""
+    """hidden_post = (potentiation - ratio * depression) * feedback, feedback = W_out @ action_post
+    (summed with one weight per step, gsnn.neurons.stdp_step_weights); with ratio 0 and 1 from the
+    same state, both factors against explicit traces."""
     config = OrganismConfig()
     p, lif, T, decay = lif_parameters(config), lif_constants(config), config.snn_steps, 0.8
     g = torch.Generator().manual_seed(1)
@@ -71,7 +72,7 @@ def test_stdp_post_factor_matches_a_step_by_step_trace_computation(backend):
     uniform = torch.rand(B, generator=g)
     factors = {}
     for ratio in (0.0, 1.0):
-        stdp = kernels.STDPOptions(*stdp_step_weights(decay, T), ratio)
+        stdp = kernels.STDPOptions(stdp_step_weights(decay, T, ratio))
         decision = identity_decision(x, torch.zeros(B, H), torch.zeros(B, H), lif, T, readout_weight=W_out,
                                      choose="sample", uniform=uniform, keep=("hidden_post", "action_post"), stdp=stdp)
         feedback = decision.outputs["action_post"] @ W_out.T
@@ -149,7 +150,7 @@ def test_native_stdp_record_of_a_full_block_equals_the_scalar_path_bit_for_bit(T
     params["readout_weight"][:, 0] = 2.0**-9  # logit 0 = the world's spikes / 512: exact in any order
     part = {k: (v[..., : H - 1] if k == "hidden_bias" else v[: H - 1] if k == "readout_weight"
                 else v[:, : H - 1] if k == "input_weight" else v).contiguous() for k, v in params.items()}
-    stdp = kernels.STDPOptions(*stdp_step_weights(0.8, T), 0.5)
+    stdp = kernels.STDPOptions(stdp_step_weights(0.8, T, 0.5))
     keep = ("obs", "hidden_post", "action_post")
     state = [torch.zeros(B, H), torch.zeros(B, H)]
     state_part = [torch.zeros(B, H - 1), torch.zeros(B, H - 1)]
@@ -178,7 +179,7 @@ def test_decide_native_equals_torch_with_learner_record(rule):
         options = dict(keep=("obs", "x", "v0", "i0"))
     else:
         options = dict(keep=("obs", "hidden_post", "action_post"),
-                       stdp=kernels.STDPOptions(*stdp_step_weights(0.8, T), 0.5))
+                       stdp=kernels.STDPOptions(stdp_step_weights(0.8, T, 0.5)))
     for _ in range(6):
         obs, uniform = sparse_observations(g, B), torch.rand(B, generator=g)
         native_d = kernels.decide(obs, params, lif, v, i, T, choose="sample", uniform=uniform, rate=(ema, 0.01),
@@ -210,7 +211,7 @@ def test_a_kept_workspace_decides_as_a_fresh_one_whatever_tensors_change():
     but move their memory (``.data =``, ``set_``), against a fresh workspace each call."""
     g = torch.Generator().manual_seed(8)
     lif = lif_constants(OrganismConfig())
-    stdp = kernels.STDPOptions(*stdp_step_weights(0.8, 10), 0.5)
+    stdp = kernels.STDPOptions(stdp_step_weights(0.8, 10, 0.5))
     kept = kernels.Workspace()
     params, H = random_params(g, H=70), 70
     states = {B: (torch.zeros(B, H), torch.zeros(B, H)) for B in (6, 9)}
