@@ -281,34 +281,25 @@ static void free_rows(active_rows *a) {
     free(a->unit);
 }
 
-/* Returns 0, or -1 if out of memory (with nothing left allocated). */
+/* Returns 0, or -1 if out of memory (with nothing left allocated). One pass over the rows: cols
+ * and vals are allocated for every value being active (R * N), of which only the pages the
+ * active entries reach are ever touched (a second pass to count them first read the whole
+ * observation twice). */
 static int scan_all_rows(int64_t R, int64_t N, const float *obs, active_rows *a) {
-    int64_t total = 0;
     a->start = malloc(sizeof(int64_t) * (size_t)(R + 1));
-    a->cols = NULL;
-    a->vals = NULL;
+    a->cols = malloc(sizeof(int32_t) * (size_t)(R * N + 1)); /* + 1: never malloc(0) */
+    a->vals = malloc(sizeof(float) * (size_t)(R * N + 1));
     a->unit = malloc((size_t)R + 1);
-    if (!a->start || !a->unit) {
+    if (!a->start || !a->cols || !a->vals || !a->unit) {
         free_rows(a);
         return -1;
     }
+    int64_t total = 0;
     for (int64_t r = 0; r < R; r++) {
-        const float *row = obs + r * N;
-        int64_t n = 0, count = 0;
-        for (; n + LANES <= N; n += LANES) count += __builtin_popcount(nonzero_mask8(row + n));
-        for (; n < N; n++) count += row[n] != 0.0f;
         a->start[r] = total;
-        total += count;
+        total += scan_row(N, obs + r * N, a->cols + total, a->vals + total, a->unit + r);
     }
     a->start[R] = total;
-    a->cols = malloc(sizeof(int32_t) * (size_t)(total + 1)); /* + 1: never malloc(0) */
-    a->vals = malloc(sizeof(float) * (size_t)(total + 1));
-    if (!a->cols || !a->vals) {
-        free_rows(a);
-        return -1;
-    }
-    for (int64_t r = 0; r < R; r++)
-        scan_row(N, obs + r * N, a->cols + a->start[r], a->vals + a->start[r], a->unit + r);
     return 0;
 }
 
