@@ -743,29 +743,32 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
         float bias[HBLOCK];
         memset(ro, 0, sizeof(float) * (size_t)(A * HBLOCK));
         for (int64_t h = 0; h < n; h++) bias[h] = 0.0f;
-        for (int64_t r = 0; r < R; r++) {
-            const int64_t o = r * H + h0;
-            if (r + 2 < R) prefetch_two(n, hidden_post + o + 2 * H, counts + o + 2 * H);
-            axpy_block(n, w[r], hidden_post + o, bias);
-            for (int64_t a = 0; a < A; a++) coef[a] = w[r] * action_post[r * A + a];
-            readout_block(n, A, counts + o, coef, ro);
-        }
         for (int64_t c = 0; c < chunks; c++) {
-            /* the chunk's rows of this block of hidden_post, side by side (rows H floats apart
-             * fall into a few cache sets) */
+            /* The chunk's rows of this block of hidden_post, side by side (rows H floats apart
+             * fall into a few cache sets), and each times its w_r: an entry whose value is 1 has
+             * the coefficient w_r * 1 == w_r and adds that row (the same product) instead of
+             * multiplying again. The bias and readout directions take their rows here too (one
+             * read of hidden_post and counts; each the same sum in the same order as row by row). */
             const int64_t r0 = c * STDP_ROWS, r1 = r0 + STDP_ROWS < R ? r0 + STDP_ROWS : R;
-            for (int64_t r = r0; r < r1; r++)
-                memcpy(panel + (r - r0) * HBLOCK, hidden_post + r * H + h0, sizeof(float) * (size_t)n);
-            /* w_r * g once per row: an entry whose value is 1 has the coefficient w_r * 1 == w_r,
-             * and adds this row (the same product) instead of multiplying again */
             for (int64_t r = r0; r < r1; r++) {
-                const float wr = w[r];
-                float *dst = scaled + (r - r0) * HBLOCK;
-                const float *src = panel + (r - r0) * HBLOCK;
+                const int64_t o = r * H + h0;
+                if (r + 2 < R) prefetch_two(n, hidden_post + o + 2 * H, counts + o + 2 * H);
+                const float wr = w[r], *src = hidden_post + o;
+                float *raw = panel + (r - r0) * HBLOCK, *dst = scaled + (r - r0) * HBLOCK;
                 if (n == HBLOCK)
-                    for (int64_t h = 0; h < HBLOCK; h++) dst[h] = wr * src[h];
+                    for (int64_t h = 0; h < HBLOCK; h++) {
+                        raw[h] = src[h];
+                        dst[h] = wr * src[h];
+                        bias[h] += dst[h];
+                    }
                 else
-                    for (int64_t h = 0; h < n; h++) dst[h] = wr * src[h];
+                    for (int64_t h = 0; h < n; h++) {
+                        raw[h] = src[h];
+                        dst[h] = wr * src[h];
+                        bias[h] += dst[h];
+                    }
+                for (int64_t a = 0; a < A; a++) coef[a] = wr * action_post[r * A + a];
+                readout_block(n, A, counts + o, coef, ro);
             }
             for (int64_t k = 0; k < N; k++) {
                 const int64_t e0 = start[c * N + k], e1 = start[c * N + k + 1];

@@ -296,7 +296,7 @@ def test_native_rstdp_input_directions_are_the_row_ordered_sum_bit_for_bit(R):
     """The C kernel sums dW input by input over chunks of rows; each element must be the same
     float32 sum as row by row in increasing order, 0 + (sum_r (w_r obs_rk) g_r) * scale, for
     full and partial blocks of neurons, inputs active in one chunk or several, and inputs never
-    active (exact zeros)."""
+    active (exact zeros); the bias and readout directions likewise."""
     g = torch.Generator().manual_seed(21)
     N, H, A = 450, 200, 4  # three blocks of 64 neurons and one of 8
     obs = sparse_observations(g, R)
@@ -313,6 +313,16 @@ def test_native_rstdp_input_directions_are_the_row_ordered_sum_bit_for_bit(R):
         acc[active] = acc[active] + (w[r] * obs[r, active]).unsqueeze(1) * hidden_post[r]
     expected = torch.zeros(N, H) + acc * torch.tensor(scale, dtype=torch.float32)
     assert torch.equal(out["input_weight"], expected)
+    # the bias and readout directions too: each the row-ordered sum of w_r times the row, scaled
+    bias, readout, readout_bias = torch.zeros(H), torch.zeros(H, A), torch.zeros(A)
+    for r in range(R):
+        bias = bias + w[r] * hidden_post[r]
+        readout = readout + counts[r].unsqueeze(1) * (w[r] * action_post[r]).unsqueeze(0)
+        readout_bias = readout_bias + w[r] * action_post[r]
+    scale32 = torch.tensor(scale, dtype=torch.float32)
+    assert torch.equal(out["hidden_bias"], bias * scale32)
+    assert torch.equal(out["readout_weight"], readout * scale32)
+    assert torch.equal(out["readout_bias"], readout_bias * scale32)
     untouched = (obs == 0).all(dim=0)
     assert bool(untouched[5]) and bool(untouched[3]) == (R <= 300)
     assert torch.equal(out["input_weight"][untouched], torch.zeros(int(untouched.sum()), H))
