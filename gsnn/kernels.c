@@ -855,28 +855,50 @@ int gsnn_advantages(int64_t L, int64_t B, const float *rewards, const uint8_t *d
     return 0;
 }
 
-/* Sum of squares of n floats, in double (for the global gradient norm). */
+/* Sum of squares of n floats, in double (for the global gradient norm): sixteen partial sums in
+ * four vectors of four doubles (one chain of additions waited on the adder's latency). */
+typedef double vd4 __attribute__((vector_size(32)));
 double gsnn_sum_squares(int64_t n, const float *x) {
-    double part[4] = {0, 0, 0, 0};
+    vd4 part[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
     int64_t k = 0;
-    for (; k + 4 <= n; k += 4)
-        for (int j = 0; j < 4; j++) part[j] += (double)x[k + j] * x[k + j];
-    for (; k < n; k++) part[0] += (double)x[k] * x[k];
-    return (part[0] + part[1]) + (part[2] + part[3]);
+    for (; k + 16 <= n; k += 16)
+        for (int j = 0; j < 4; j++) {
+            const vd4 d = {x[k + 4 * j], x[k + 4 * j + 1], x[k + 4 * j + 2], x[k + 4 * j + 3]};
+            part[j] += d * d;
+        }
+    const vd4 all = (part[0] + part[1]) + (part[2] + part[3]);
+    double total = (all[0] + all[1]) + (all[2] + all[3]);
+    for (; k < n; k++) total += (double)x[k] * x[k];
+    return total;
 }
 
 /* One Adam step on n elements, torch.optim.Adam's arithmetic (default options) in one pass, with
  * the gradient scaled first (the global-norm clip): g = grad * scale; m += (1 - beta1) (g - m);
- * v = v beta2 + (1 - beta2) g g; param += -step_size m / (sqrt(v) / bias2_sqrt + eps). Returns
- * the sum of the updated parameters (not finite if any parameter is not). */
+ * v = v beta2 + (1 - beta2) g g; param += -step_size m / (sqrt(v) * (1 / bias2_sqrt) + eps) (torch
+ * divides sqrt(v) by bias2_sqrt: the product with the reciprocal can differ in the last bit, and
+ * saves a division per element, whose throughput bounds this loop). Returns the sum of the
+ * updated parameters (not finite if any parameter is not), summed in the same pass. */
 double gsnn_adam(int64_t n, float *param, const float *grad, float *m, float *v, float scale, float beta1,
                  float beta2, float step_size, float bias2_sqrt, float eps) {
-    const float w1 = 1.0f - beta1, w2 = 1.0f - beta2, neg_step = -step_size;
-    for (int64_t k = 0; k < n; k++) {
+    const float w1 = 1.0f - beta1, w2 = 1.0f - beta2, neg_step = -step_size, inv_bias2 = 1.0f / bias2_sqrt;
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int j = 0; j < 8; j++) {
+            const float g = grad[k + j] * scale;
+            const float mk = m[k + j] + w1 * (g - m[k + j]), vk = v[k + j] * beta2 + w2 * g * g;
+            m[k + j] = mk;
+            v[k + j] = vk;
+            param[k + j] = param[k + j] + neg_step * mk / (sqrtf(vk) * inv_bias2 + eps);
+            part[j] += param[k + j];
+        }
+    double total = sum8(part);
+    for (; k < n; k++) {
         const float g = grad[k] * scale;
         m[k] = m[k] + w1 * (g - m[k]);
         v[k] = v[k] * beta2 + w2 * g * g;
-        param[k] = param[k] + neg_step * m[k] / (sqrtf(v[k]) / bias2_sqrt + eps);
+        param[k] = param[k] + neg_step * m[k] / (sqrtf(v[k]) * inv_bias2 + eps);
+        total += param[k];
     }
-    return row_sum(n, param);
+    return total;
 }
