@@ -324,6 +324,25 @@ def test_set_config_applies_neuron_parameters_now():
     assert organism.optimizer.lr == 3e-3
 
 
+def test_set_config_changes_the_stdp_ratio_of_the_next_learning_decision():
+    """The STDP step weights carry the depression ratio (gsnn.neurons.stdp_step_weights), and the
+    decision kernel keeps them in a plan: a new ratio from set_config (PBT) must reach the very
+    next decision, as if the organism had been made with it."""
+    config = OrganismConfig(learning_rule="rstdp", stdp_depression=0.5, rollout_length=4, seed=3)
+    changed = Organism(config)
+    obs = BatchedForagingGrid(6, seed=0).reset()
+    changed.learn_act(obs)  # a decision with ratio 0.5: its plan and record spec now exist
+    changed._rollout.clear()
+    changed.set_config(OrganismConfig.from_dict(dict(config.to_dict(), stdp_depression=2.0)))
+    fresh = Organism(OrganismConfig.from_dict(dict(config.to_dict(), stdp_depression=2.0)))
+    fresh.learn_act(obs)
+    fresh._rollout.clear()  # both have now taken one decision from the same state and stream
+    changed.learn_act(obs)
+    fresh.learn_act(obs)
+    mine, theirs = changed._rollout.view("hidden_post"), fresh._rollout.view("hidden_post")
+    assert torch.equal(mine, theirs) and bool((mine != 0).any())
+
+
 def test_rollout_slots_are_the_buffers_rows_and_a_shape_change_mid_rollout_is_refused():
     from gsnn.organism import Rollout
 
