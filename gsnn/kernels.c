@@ -30,6 +30,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #define HBLOCK 64      /* hidden neurons per block */
 #define CHUNK_ROWS 256 /* rows per chunk */
@@ -132,6 +135,38 @@ static inline void lif_32_stdp(int64_t T, const float *restrict x, const vf8 *q,
     }
 }
 
+/* lif_32 that also keeps each neuron's spikes as the bits of one integer, bit t = step t (T <= 15):
+ * the learner's record of R-STDP, from which its update rebuilds the counts (their popcount) and
+ * the STDP factor (gsnn_rstdp_directions). */
+static inline void lif_32_bits(int64_t T, const float *restrict x, const vf8 *q, float *restrict v, float *restrict i,
+                               float *restrict counts, int16_t *restrict bits, const int leak_zero) {
+    vf8 vj[4], ij[4], xj[4];
+    vi8 c[4], b[4];
+    for (int k = 0; k < 4; k++) {
+        vj[k] = load8(v + k * LANES);
+        ij[k] = load8(i + k * LANES);
+        xj[k] = load8(x + k * LANES);
+        c[k] = b[k] = (vi8){0, 0, 0, 0, 0, 0, 0, 0};
+    }
+    for (int64_t t = 0; t < T; t++) {
+        const int32_t one = (int32_t)1 << t;
+        const vi8 bit = {one, one, one, one, one, one, one, one};
+        for (int k = 0; k < 4; k++) {
+            const vi8 spike = lif_step8(xj[k], &vj[k], &ij[k], q, leak_zero);
+            c[k] -= spike;
+            b[k] |= spike & bit;
+        }
+    }
+    for (int k = 0; k < 4; k++) {
+        store8(v + k * LANES, vj[k]);
+        store8(i + k * LANES, ij[k]);
+        vf8 cf;
+        for (int l = 0; l < LANES; l++) cf[l] = (float)c[k][l];
+        store8(counts + k * LANES, cf);
+        for (int l = 0; l < LANES; l++) bits[k * LANES + l] = (int16_t)b[k][l];
+    }
+}
+
 /* T steps of n neurons with constant input x, in place on v and i; counts receive the spikes.
  * lif_block_stdp also sums the STDP factor stdp = sum_t z_t w[t] in step order. */
 static inline void lif_block(int64_t n, int64_t T, const float *restrict x, const float *restrict p,
@@ -184,6 +219,34 @@ static inline void lif_block_stdp(int64_t n, int64_t T, const float *restrict x,
             stdp[h] += z * wt;
         }
     }
+}
+
+static inline void lif_block_bits(int64_t n, int64_t T, const float *restrict x, const float *restrict p,
+                                  float *restrict v, float *restrict i, float *restrict counts, int16_t *restrict bits) {
+    if (n == HBLOCK) {
+        const vf8 q[5] = {splat8(p[0]), splat8(p[1]), splat8(p[2]), splat8(p[3]), splat8(p[4])};
+        for (int64_t j = 0; j < HBLOCK; j += 4 * LANES) {
+            if (p[2] == 0.0f)
+                lif_32_bits(T, x + j, q, v + j, i + j, counts + j, bits + j, 1);
+            else
+                lif_32_bits(T, x + j, q, v + j, i + j, counts + j, bits + j, 0);
+        }
+        return;
+    }
+    const float q[5] = {p[0], p[1], p[2], p[3], p[4]};
+    for (int64_t h = 0; h < n; h++) {
+        counts[h] = 0.0f;
+        bits[h] = 0;
+    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < n; h++) {
+            float vh = v[h], ih = i[h], z;
+            LIF_STEP(x[h], vh, ih, z);
+            v[h] = vh;
+            i[h] = ih;
+            counts[h] += z;
+            bits[h] = (int16_t)(bits[h] | (z != 0.0f ? 1 << t : 0));
+        }
 }
 
 static inline double sum8(const float *restrict part) {
@@ -428,6 +491,7 @@ typedef struct {
     int32_t *active;      /* min(B, CHUNK_ROWS) * N ints */
     float *vals;          /* min(B, CHUNK_ROWS) * N floats */
     int32_t *n_active;    /* min(B, CHUNK_ROWS) ints */
+    int16_t *spikes_out;  /* (B, H) out: each neuron's spikes as bits, bit t = step t (T <= 15) */
 } decide_args;
 
 /* Readout, action and the learner's per-world record of world b, once its counts are complete. */
@@ -504,6 +568,8 @@ int gsnn_decide(decide_args *d) {
                 if (d->i0_out) memcpy(d->i0_out + o, d->i + o, (size_t)n * sizeof(float));
                 if (stdp)
                     lif_block_stdp(n, T, x, d->p, d->v + o, d->i + o, d->counts + o, d->stdp_w, d->hidden_post + o);
+                else if (d->spikes_out)
+                    lif_block_bits(n, T, x, d->p, d->v + o, d->i + o, d->counts + o, d->spikes_out + o);
                 else
                     lif_block(n, T, x, d->p, d->v + o, d->i + o, d->counts + o);
             }
@@ -691,9 +757,43 @@ int gsnn_reinforce_backward(int64_t R, int64_t N, int64_t H, int64_t T, int64_t 
  * without a read-modify-write of every active input's row for every row, and without dense
  * passes over dW to clear, scale and add it. Returns 0, or -1 if out of memory. */
 #define STDP_ROWS 256 /* a chunk of hidden_post's block: 64 KB, in L2 while its inputs are summed */
-int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const float *obs, const float *hidden_post,
-                          const float *counts, const float *action_post, const float *w, float scale, float *dW,
-                          float *db, float *dWout, float *dbout) {
+/* The post factors and counts of row r's block [h0, h0 + n) from its spike bits (see
+ * gsnn_rstdp_directions_from_spikes), into hp and cnt: factor * feedback with the feedback summed
+ * over actions as finish_world sums it, so each value is the one the decision would have stored. */
+typedef struct {
+    const int16_t *spikes; /* (R, H) */
+    const float *table;    /* (2^T): the STDP factor of each spike pattern */
+    const float *ones;     /* (2^T): the spikes of each pattern (its popcount) */
+    const float *wout_t;   /* (A, H) */
+} spike_record;
+
+static inline void rebuild_row(const spike_record *s, int64_t H, int64_t A, int64_t r, int64_t h0, int64_t n,
+                               const float *restrict post, float *restrict hp, float *restrict cnt) {
+    float feedback[HBLOCK];
+    for (int64_t h = 0; h < n; h++) feedback[h] = 0.0f;
+    for (int64_t a = 0; a < A; a++) {
+        const float o = post[a], *wt = s->wout_t + a * H + h0;
+        for (int64_t h = 0; h < n; h++) feedback[h] += o * wt[h];
+    }
+    const int16_t *bits = s->spikes + r * H + h0;
+    int64_t h = 0;
+#if defined(__AVX2__)
+    for (; h + 8 <= n; h += 8) { /* eight table lookups at once */
+        const __m256i index = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(bits + h)));
+        _mm256_storeu_ps(hp + h, _mm256_mul_ps(_mm256_i32gather_ps(s->table, index, 4), _mm256_loadu_ps(feedback + h)));
+        _mm256_storeu_ps(cnt + h, _mm256_i32gather_ps(s->ones, index, 4));
+    }
+#endif
+    for (; h < n; h++) {
+        const uint16_t pattern = (uint16_t)bits[h];
+        hp[h] = s->table[pattern] * feedback[h];
+        cnt[h] = s->ones[pattern];
+    }
+}
+
+static int rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const float *obs, const float *hidden_post,
+                            const float *counts, const spike_record *spikes, const float *action_post, const float *w,
+                            float scale, float *dW, float *db, float *dWout, float *dbout) {
     active_rows act;
     if (scan_all_rows(R, N, obs, &act) != 0) return -1;
     const int64_t chunks = (R + STDP_ROWS - 1) / STDP_ROWS, total = act.start[R];
@@ -752,8 +852,18 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
             const int64_t r0 = c * STDP_ROWS, r1 = r0 + STDP_ROWS < R ? r0 + STDP_ROWS : R;
             for (int64_t r = r0; r < r1; r++) {
                 const int64_t o = r * H + h0;
-                if (r + 2 < R) prefetch_two(n, hidden_post + o + 2 * H, counts + o + 2 * H);
-                const float wr = w[r], *src = hidden_post + o;
+                float hp_row[HBLOCK], cnt_row[HBLOCK];
+                const float *src, *cnt;
+                if (spikes) {
+                    rebuild_row(spikes, H, A, r, h0, n, action_post + r * A, hp_row, cnt_row);
+                    src = hp_row;
+                    cnt = cnt_row;
+                } else {
+                    if (r + 2 < R) prefetch_two(n, hidden_post + o + 2 * H, counts + o + 2 * H);
+                    src = hidden_post + o;
+                    cnt = counts + o;
+                }
+                const float wr = w[r];
                 float *raw = panel + (r - r0) * HBLOCK, *dst = scaled + (r - r0) * HBLOCK;
                 if (n == HBLOCK)
                     for (int64_t h = 0; h < HBLOCK; h++) {
@@ -768,7 +878,7 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
                         bias[h] += dst[h];
                     }
                 for (int64_t a = 0; a < A; a++) coef[a] = wr * action_post[r * A + a];
-                readout_block(n, A, counts + o, coef, ro);
+                readout_block(n, A, cnt, coef, ro);
             }
             for (int64_t k = 0; k < N; k++) {
                 const int64_t e0 = start[c * N + k], e1 = start[c * N + k + 1];
@@ -813,6 +923,46 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
     free(start), free(cursor), free(rows), free(first), free(coefs), free(unit), free(keep);
     free_rows(&act);
     return 0;
+}
+
+int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const float *obs, const float *hidden_post,
+                          const float *counts, const float *action_post, const float *w, float scale, float *dW,
+                          float *db, float *dWout, float *dbout) {
+    return rstdp_directions(R, N, H, A, obs, hidden_post, counts, NULL, action_post, w, scale, dW, db, dWout, dbout);
+}
+
+/* gsnn_rstdp_directions from the decisions' spike bits (decide_args.spikes_out, T <= 15 steps)
+ * instead of their post factors and counts: 1 KB a decision at H = 512 instead of 4 KB written
+ * by the decision and read back here. Each row's counts are the popcount of its bits, its STDP
+ * factor the sum of stdp_w over its set bits in step order (a table of the 2^T sums, built by
+ * adding each pattern's highest step to the sum of the steps below it: the same additions as the
+ * decision's), and its feedback W_out @ action_post with the readout weights of the rollout (they
+ * change only at updates). The directions are bit for bit those of gsnn_rstdp_directions over
+ * the post factors and counts the decisions would have stored. */
+int gsnn_rstdp_directions_from_spikes(int64_t R, int64_t N, int64_t H, int64_t A, int64_t T, const float *obs,
+                                      const int16_t *spikes, const float *wout, const float *stdp_w,
+                                      const float *action_post, const float *w, float scale, float *dW, float *db,
+                                      float *dWout, float *dbout) {
+    if (T < 1 || T > 15) return -2;
+    const int64_t patterns = (int64_t)1 << T;
+    float *table = malloc(sizeof(float) * (size_t)(2 * patterns)), *wout_t = malloc(sizeof(float) * (size_t)(A * H + 1));
+    if (!table || !wout_t) {
+        free(table), free(wout_t);
+        return -1;
+    }
+    float *ones = table + patterns;
+    table[0] = ones[0] = 0.0f;
+    for (int64_t p = 1; p < patterns; p++) {
+        const int top = 63 - __builtin_clzll((unsigned long long)p);
+        table[p] = table[p & ~((int64_t)1 << top)] + stdp_w[top];
+        ones[p] = (float)__builtin_popcountll((unsigned long long)p);
+    }
+    transpose(H, A, wout, wout_t);
+    const spike_record record = {spikes, table, ones, wout_t};
+    const int status = rstdp_directions(R, N, H, A, obs, NULL, NULL, &record, action_post, w, scale, dW, db, dWout,
+                                        dbout);
+    free(table), free(wout_t);
+    return status;
 }
 
 /* Discounted returns, then advantages, of a rollout of L steps of B worlds (gsnn.plasticity):

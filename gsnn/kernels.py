@@ -44,7 +44,7 @@ class DecideArgs(ctypes.Structure):
                                 "uniform", "obs_out", "x_out", "v0_out", "i0_out", "stdp_w")
     ] + [("hidden_post", _P), ("action_post", _P), ("rate_ema", _P),
          ("rate_alpha", _F), ("sums", ctypes.c_double * 3), ("scratch", _P), ("active", _P), ("vals", _P),
-         ("n_active", _P)]
+         ("n_active", _P), ("spikes_out", _P)]
 
 
 _D = ctypes.c_double
@@ -52,6 +52,7 @@ SIGNATURES = {  # keep in step with gsnn/kernels.c
     "gsnn_decide": ([ctypes.POINTER(DecideArgs)], ctypes.c_int),
     "gsnn_reinforce_backward": ([_I] * 5 + [_P] * 11, ctypes.c_int),  # obs, v0, i0, g_logits, W, b, W_out, p, 3 out
     "gsnn_rstdp_directions": ([_I] * 4 + [_P] * 5 + [_F] + [_P] * 4, ctypes.c_int),
+    "gsnn_rstdp_directions_from_spikes": ([_I] * 5 + [_P] * 6 + [_F] + [_P] * 4, ctypes.c_int),
     "gsnn_advantages": ([_I, _I, _P, _P, _D, _P], ctypes.c_int),
     "gsnn_sum_squares": ([_I, _P], _D),
     "gsnn_adam": ([_I] + [_P] * 4 + [_F] * 6, _D),
@@ -106,7 +107,7 @@ class Decision:
     obs_sum: float | torch.Tensor  # sum of every observation value
     spikes: float | torch.Tensor  # sum of counts
     logits_finite: bool
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # x, v0, i0, hidden_post, action_post
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # of KEEP
 
 
 class Workspace:
@@ -140,7 +141,8 @@ class Workspace:
         return buffer
 
 
-KEEP = ("obs", "x", "v0", "i0", "hidden_post", "action_post")  # what a learner may keep of a decision
+KEEP = ("obs", "x", "v0", "i0", "hidden_post", "action_post", "spikes")  # what a learner may keep of a decision
+SPIKE_BITS_MAX_STEPS = 15  # "spikes": each neuron's T spikes as the bits of an int16, bit t = step t
 
 
 def decide(
@@ -169,13 +171,17 @@ def decide(
             raise ValueError(f"decide: keep names one of {', '.join(KEEP)}, got {name!r}")
     if "hidden_post" in keep and (stdp is None or choose != "sample"):
         raise ValueError("hidden_post needs stdp options and a sampled action")
+    if "spikes" in keep and not 1 <= steps <= SPIKE_BITS_MAX_STEPS:
+        raise ValueError(f"spikes (as bits) needs 1 to {SPIKE_BITS_MAX_STEPS} steps, got {steps}")
+    if "spikes" in keep and "hidden_post" in keep:
+        raise ValueError("keep either hidden_post or spikes, not both")
     if use_native(obs.device):
         return _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, rate, out or {},
                               workspace if workspace is not None else Workspace())
     out = dict(out or {})
     B, H, A = obs.shape[0], params["input_weight"].shape[1], params["readout_weight"].shape[1]
     shapes = {"counts": (B, H), "logits": (B, A), "obs": tuple(obs.shape), "x": (B, H), "v0": (B, H), "i0": (B, H),
-              "hidden_post": (B, H), "action_post": (B, A)}
+              "hidden_post": (B, H), "action_post": (B, A), "spikes": (B, H)}
     for name in ("counts", "logits"):  # scratch unless asked for: reused from the workspace
         if name not in out:
             size = shapes[name][0] * shapes[name][1]
@@ -183,7 +189,8 @@ def decide(
                          if workspace is not None else torch.empty(shapes[name], device=obs.device))
     for name in keep:
         if name not in out:
-            out[name] = torch.empty(shapes[name], device=obs.device)
+            out[name] = torch.empty(shapes[name], dtype=torch.int16 if name == "spikes" else torch.float32,
+                                    device=obs.device)
     if choose is not None and "actions" not in out:
         out["actions"] = torch.empty(B, dtype=torch.int64, device=obs.device)
     return _decide_torch(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, rate, out)
@@ -263,15 +270,20 @@ def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, r
     outputs = {}
     for name in keep:
         tensor = out.get(name)
-        outputs[name] = tensor if tensor is not None else torch.empty((B, N) if name == "obs" else
-                                                                      (B, A) if name == "action_post" else (B, H))
+        outputs[name] = tensor if tensor is not None else torch.empty(
+            (B, N) if name == "obs" else (B, A) if name == "action_post" else (B, H),
+            dtype=torch.int16 if name == "spikes" else torch.float32)
+    spikes = outputs.get("spikes")
+    if spikes is not None and (spikes.dtype != torch.int16 or tuple(spikes.shape) != (B, H)
+                               or not spikes.is_contiguous()):
+        raise ValueError(f"decide: out['spikes'] must be a contiguous int16 tensor of shape {(B, H)}")
     args.obs, args.counts, args.logits = obs.data_ptr(), counts.data_ptr(), logits.data_ptr()
     args.actions = None if actions is None else actions.data_ptr()
     if uniform is not None:
         uniform = _c(uniform)  # held until the call returns
     args.uniform = _ptr(uniform)
-    args.obs_out, args.x_out, args.v0_out, args.i0_out, args.hidden_post, args.action_post = (
-        _ptr(outputs.get(name)) for name in ("obs", "x", "v0", "i0", "hidden_post", "action_post"))
+    args.obs_out, args.x_out, args.v0_out, args.i0_out, args.hidden_post, args.action_post, args.spikes_out = (
+        _ptr(outputs.get(name)) for name in ("obs", "x", "v0", "i0", "hidden_post", "action_post", "spikes"))
     if library().gsnn_decide(ctypes.byref(args)) != 0:
         raise NonFiniteObservation("observation holds NaN or Inf")
     obs_sum, spikes, logit_sum = args.sums
@@ -310,8 +322,11 @@ def _decide_torch(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, ra
         if name in keep:
             out[name].copy_(value)
     weights = stdp.step_weights if "hidden_post" in keep else None
-    counts, factor = lif_decision_fast(x, v, i, lif, steps, stdp_weights=weights)
+    bits = torch.zeros_like(x) if "spikes" in keep else None
+    counts, factor = lif_decision_fast(x, v, i, lif, steps, stdp_weights=weights, spike_bits=bits)
     out["counts"].copy_(counts)
+    if bits is not None:
+        out["spikes"].copy_(bits)  # integers below 2^15: exact in float32 and int16
     W_out = params["readout_weight"]
     # F.linear with a contiguous (A, H) weight is about 4x faster on the CPU than addmm with (H, A)
     logits = torch.nn.functional.linear(counts, W_out.T.contiguous(), params["readout_bias"])
@@ -377,6 +392,49 @@ def rstdp_directions(obs: torch.Tensor, hidden_post: torch.Tensor, counts: torch
         R, N, H, A, obs.data_ptr(), hidden_post.data_ptr(), counts.data_ptr(), action_post.data_ptr(),
         weights.data_ptr(), scale, *(out[k].data_ptr() for k in ("input_weight", "hidden_bias", "readout_weight",
                                                                   "readout_bias"))))
+    return out
+
+
+def spike_factors(spikes: torch.Tensor, step_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts and STDP factors of spike bits (``decide``'s "spikes": bit t = step t): each
+    pattern's factor is the sum of ``step_weights`` over its set bits in step order, as the
+    decision sums it (a table of the 2^T patterns, each the sum for the pattern without its
+    highest step plus that step's weight). Returns (counts, factors), float32 like ``spikes``."""
+    table = torch.zeros(1, dtype=torch.float32, device=spikes.device)
+    popcounts = torch.zeros(1, dtype=torch.float32, device=spikes.device)
+    for weight in step_weights.to(device=spikes.device, dtype=torch.float32):  # patterns with step t on top
+        table, popcounts = torch.cat([table, table + weight]), torch.cat([popcounts, popcounts + 1.0])
+    index = spikes.long() & (table.shape[0] - 1)
+    return popcounts[index], table[index]
+
+
+def rstdp_directions_from_spikes(obs: torch.Tensor, spikes: torch.Tensor, action_post: torch.Tensor,
+                                 readout_weight: torch.Tensor, step_weights: torch.Tensor, weights: torch.Tensor,
+                                 scale: float) -> dict[str, torch.Tensor]:
+    """``rstdp_directions`` from the decisions' spike bits (R, H) int16 instead of their post
+    factors and counts: the counts are the bits' popcount, the post factor the STDP factor of the
+    bits (``spike_factors``) times the feedback ``readout_weight @ action_post``, with the readout
+    weights the decisions used (they change only at updates). Bit for bit the directions of the
+    post factors and counts the decisions would have kept (the C path; the torch twin within
+    rounding)."""
+    T = step_weights.shape[0]
+    if not 1 <= T <= SPIKE_BITS_MAX_STEPS:
+        raise ValueError(f"spike bits need 1 to {SPIKE_BITS_MAX_STEPS} steps, got {T}")
+    if not use_native(obs.device):
+        counts, factors = spike_factors(spikes, step_weights)
+        hidden_post = factors * (action_post @ readout_weight.T)
+        return rstdp_directions(obs, hidden_post, counts, action_post, weights, scale)
+    obs, action_post, wout, step_weights, weights = map(_c, (obs, action_post, readout_weight, step_weights, weights))
+    spikes = spikes.contiguous()
+    (R, N), (H, A) = obs.shape, wout.shape
+    if spikes.dtype != torch.int16 or tuple(spikes.shape) != (R, H):
+        raise ValueError(f"spikes must be int16 of shape {(R, H)}, got {spikes.dtype} {tuple(spikes.shape)}")
+    out = {"input_weight": torch.empty(N, H), "hidden_bias": torch.empty(H), "readout_weight": torch.empty(H, A),
+           "readout_bias": torch.empty(A)}
+    _check(library().gsnn_rstdp_directions_from_spikes(
+        R, N, H, A, T, obs.data_ptr(), spikes.data_ptr(), wout.data_ptr(), step_weights.data_ptr(),
+        action_post.data_ptr(), weights.data_ptr(), scale,
+        *(out[k].data_ptr() for k in ("input_weight", "hidden_bias", "readout_weight", "readout_bias"))))
     return out
 
 

@@ -116,6 +116,7 @@ def lif_decision_fast(
     steps: int,
     stdp_weights: torch.Tensor | None = None,
     record_v: torch.Tensor | None = None,
+    spike_bits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """T LIF steps in place on ``v`` and ``i`` (both (B, H), updated). Returns the spike counts
     and, when ``stdp_weights`` (``stdp_step_weights``, (T,)) are given, each neuron's STDP factor
@@ -125,7 +126,8 @@ def lif_decision_fast(
     spike mask is kept as a float ``keep = (v' <= v_th)``: the reset is then ``v' * keep`` (plus
     ``v_reset * (1 - keep)`` when v_reset is not 0) and the count is ``T - sum(keep)``. Float
     masks cost a third of what bool masks with ``masked_fill_`` cost on the CPU. ``record_v``
-    (T, B, H), when given, receives v' (the potential before threshold and reset) of each step."""
+    (T, B, H), when given, receives v' (the potential before threshold and reset) of each step;
+    ``spike_bits`` (B, H, zeros), when given, receives each neuron's spikes as sum_t z_t 2^t."""
     kept = torch.zeros_like(x)  # steps without a spike, per neuron
     keep = torch.empty_like(x)
     scratch = torch.empty_like(x)
@@ -153,6 +155,8 @@ def lif_decision_fast(
         if factor is not None:
             torch.sub(1.0, keep, out=scratch)  # the spikes of this step
             factor.add_(scratch, alpha=step_weights[step])  # w or 0 (z is 0 or 1), summed in step order
+        if spike_bits is not None:
+            spike_bits.add_(torch.sub(1.0, keep), alpha=float(2**step))
     counts = torch.sub(float(steps), kept, out=kept)
     return counts, factor
 

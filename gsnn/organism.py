@@ -156,6 +156,11 @@ class Rollout:
         slots["done"].copy_(done)
         self.rewarded += 1
 
+    def recorded(self, name: str) -> bool:
+        """Whether this rollout's decisions record ``name`` (a buffer of an earlier rollout may
+        still exist)."""
+        return any(name in spec for spec in self._checked.values())
+
     def view(self, name: str) -> torch.Tensor:
         """The filled part of one buffer, (decisions, B, ...)."""
         return self._buffers[name][: self.decisions]
@@ -362,7 +367,8 @@ class Organism:
     def learn_act(self, obs: torch.Tensor) -> torch.Tensor:
         """Decide (sampling) and record what the learning rule needs of this decision in the
         rollout (REINFORCE: the observation, starting state, logits and action; R-STDP: the
-        observation, counts, post factor and action_post)."""
+        observation, action_post and, with the C kernels and T <= 15, each neuron's spikes as
+        bits, else its count and post factor)."""
         obs = self._flatten(obs)
         c, B = self.config, obs.shape[0]
         self._ensure_state(B)  # before the slots: a new batch size starts a new rollout
@@ -387,6 +393,13 @@ class Organism:
         if c.learning_rule == "reinforce":
             keep = ("obs", "v0", "i0")
             spec.update({name: ((B, H), f32) for name in ("v0", "i0")})
+            stdp = None
+        elif kernels.use_native(self.device) and c.snn_steps <= kernels.SPIKE_BITS_MAX_STEPS:
+            # each neuron's spikes as bits (2 bytes), from which the update rebuilds its count and
+            # post factor (8 bytes otherwise): at H = 512 a world's decision records 2.8 KB instead
+            # of 5.8 KB (the observation's copy is 1.8 KB), written here and read back by the update
+            keep = ("obs", "spikes", "action_post")
+            spec.update(spikes=((B, H), torch.int16), action_post=((B, c.n_actions), f32))
             stdp = None
         else:
             keep = ("obs", "hidden_post", "action_post")
@@ -417,6 +430,12 @@ class Organism:
             grads = plasticity.reinforce_gradients(
                 *(rollout.view(k) for k in ("obs", "v0", "i0", "logits", "actions")),
                 adv, c.entropy_coef, self.params, self.lif, c.snn_steps,
+            )
+        elif rollout.recorded("spikes"):
+            # the readout weights are the decisions' own: they change only in _apply_gradients below
+            grads = plasticity.rstdp_directions_from_spikes(
+                *(rollout.view(k) for k in ("obs", "spikes", "action_post")), adv, self.params["readout_weight"],
+                self._stdp_weights,
             )
         else:
             grads = plasticity.rstdp_directions(
@@ -449,7 +468,11 @@ class Organism:
     @torch.no_grad()
     def perturb_weights(self, scale: float) -> None:
         """Weight-level explore: add Gaussian noise of ``scale`` x each weight tensor's standard
-        deviation to every weight and bias, from the organism's own random stream."""
+        deviation to every weight and bias, from the organism's own random stream. Between
+        rollouts only: an update rebuilds its decisions' post factors with the readout weights
+        they were made with (R-STDP's spike bits)."""
+        if len(self._rollout):
+            raise RuntimeError("perturb_weights() in the middle of a rollout; call it between updates")
         for param in self.params.values():
             spread = float(param.std()) if param.numel() > 1 else 0.0
             if spread > 0 and scale > 0:

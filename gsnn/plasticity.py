@@ -114,3 +114,21 @@ def rstdp_directions(
     flat = lambda t: t.reshape(rows, -1)  # noqa: E731
     return kernels.rstdp_directions(flat(observations), flat(hidden_post), flat(counts), flat(action_post),
                                     adv.reshape(rows), -1.0 / rows)
+
+
+def rstdp_directions_from_spikes(
+    observations: torch.Tensor,  # (L, B, N)
+    spikes: torch.Tensor,  # (L, B, H) int16: each hidden neuron's spikes, bit t = SNN step t
+    action_post: torch.Tensor,  # (L, B, A)
+    adv: torch.Tensor,  # (L, B)
+    readout_weight: torch.Tensor,  # (H, A): the readout the decisions used
+    step_weights: torch.Tensor,  # (T,) gsnn.neurons.stdp_step_weights
+) -> dict[str, torch.Tensor]:
+    """``rstdp_directions`` from the decisions' spike bits: the post factor (STDP factor times the
+    readout feedback of the action taken) and the counts are rebuilt from the bits, as the
+    decisions would have computed them (``gsnn.kernels.rstdp_directions_from_spikes``)."""
+    L, B, _ = observations.shape
+    rows = L * B
+    flat = lambda t: t.reshape(rows, -1)  # noqa: E731
+    return kernels.rstdp_directions_from_spikes(flat(observations), flat(spikes), flat(action_post), readout_weight,
+                                                step_weights, adv.reshape(rows), -1.0 / rows)

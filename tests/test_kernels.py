@@ -246,7 +246,7 @@ def test_a_kept_workspace_decides_as_a_fresh_one_whatever_tensors_change():
 
 def test_decide_refuses_an_unknown_output_to_keep(backend):
     g = torch.Generator().manual_seed(8)
-    with pytest.raises(ValueError, match="keep names one of obs, x, v0, i0, hidden_post, action_post, got 'counts'"):
+    with pytest.raises(ValueError, match="keep names one of obs, x, v0, i0, hidden_post, action_post, spikes, got 'counts'"):
         kernels.decide(sparse_observations(g, 4), random_params(g, H=64), lif_constants(OrganismConfig()),
                        torch.zeros(4, 64), torch.zeros(4, 64), 10, keep=("obs", "counts"))
 
@@ -289,6 +289,56 @@ def test_rstdp_directions_native_equal_torch():
     for name, value in reference.items():
         torch.testing.assert_close(native_out[name], value * (-1.0 / R), rtol=1e-4, atol=1e-5, msg=name)
         torch.testing.assert_close(torch_out[name], value * (-1.0 / R), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("H", [200, 64])  # with a partial block of neurons, and one full block
+def test_rstdp_directions_from_spike_bits_equal_those_from_post_factors(backend, H):
+    """R-STDP's record as spike bits (1 int16 per neuron) instead of post factors and counts (2
+    floats): the same decisions, and from the bits the same directions, bit for bit on the C path
+    (within rounding on the torch twin, whose matrix products sum in another order)."""
+    g = torch.Generator().manual_seed(12)
+    B, T, L = 24, 10, 12  # 288 decisions: a full chunk of the C update and part of another
+    lif, params = lif_constants(OrganismConfig()), random_params(g, H=H)
+    params["input_weight"] *= 4.0  # lively: most neurons fire at some steps
+    weights = stdp_step_weights(0.8, T, 0.5)
+    v, i = torch.zeros(B, H), torch.zeros(B, H)
+    record = {name: [] for name in ("obs", "hidden_post", "counts", "action_post", "spikes")}
+    for _ in range(L):
+        obs, uniform = sparse_observations(g, B), torch.rand(B, generator=g)
+        v_bits, i_bits = v.clone(), i.clone()
+        floats = kernels.decide(obs, params, lif, v, i, T, choose="sample", uniform=uniform,
+                                keep=("obs", "hidden_post", "action_post"), stdp=kernels.STDPOptions(weights))
+        bits = kernels.decide(obs, params, lif, v_bits, i_bits, T, choose="sample", uniform=uniform,
+                              keep=("obs", "spikes", "action_post"))
+        assert torch.equal(v, v_bits) and torch.equal(i, i_bits) and torch.equal(floats.actions, bits.actions)
+        assert torch.equal(floats.outputs["action_post"], bits.outputs["action_post"])
+        assert bits.outputs["spikes"].dtype == torch.int16
+        counts, _ = kernels.spike_factors(bits.outputs["spikes"], weights)
+        assert torch.equal(counts, floats.counts)
+        for name in ("obs", "hidden_post", "action_post"):
+            record[name].append(floats.outputs[name].clone())
+        record["counts"].append(floats.counts.clone())
+        record["spikes"].append(bits.outputs["spikes"].clone())
+    rows = {name: torch.cat(values) for name, values in record.items()}
+    assert bool((rows["spikes"] != 0).any()) and bool((rows["spikes"] != rows["spikes"][:, :1]).any())
+    w, scale = torch.randn(B * L, generator=g), -1.0 / (B * L)
+    expected = kernels.rstdp_directions(rows["obs"], rows["hidden_post"], rows["counts"], rows["action_post"], w,
+                                        scale)
+    rebuilt = kernels.rstdp_directions_from_spikes(rows["obs"], rows["spikes"], rows["action_post"],
+                                                   params["readout_weight"], weights, w, scale)
+    for name, value in expected.items():
+        if backend == "native":
+            assert torch.equal(rebuilt[name], value), name
+        else:
+            torch.testing.assert_close(rebuilt[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_spike_bits_need_at_most_fifteen_steps():
+    g = torch.Generator().manual_seed(2)
+    with pytest.raises(ValueError, match="spikes \\(as bits\\) needs 1 to 15 steps, got 16"):
+        kernels.decide(sparse_observations(g, 4), random_params(g, H=8), lif_constants(OrganismConfig()),
+                       torch.zeros(4, 8), torch.zeros(4, 8), 16, choose="sample", uniform=torch.rand(4),
+                       keep=("spikes",))
 
 
 @pytest.mark.parametrize("R", [7, 256, 600])  # one chunk of rows, exactly one, three (the last partial)

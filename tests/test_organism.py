@@ -324,23 +324,44 @@ def test_set_config_applies_neuron_parameters_now():
     assert organism.optimizer.lr == 3e-3
 
 
-def test_set_config_changes_the_stdp_ratio_of_the_next_learning_decision():
-    """The STDP step weights carry the depression ratio (gsnn.neurons.stdp_step_weights), and the
-    decision kernel keeps them in a plan: a new ratio from set_config (PBT) must reach the very
-    next decision, as if the organism had been made with it."""
-    config = OrganismConfig(learning_rule="rstdp", stdp_depression=0.5, rollout_length=4, seed=3)
+def test_set_config_changes_the_stdp_ratio_of_the_next_update():
+    """The STDP step weights carry the depression ratio (gsnn.neurons.stdp_step_weights); decision
+    plans and the learner's record spec are cached. A new ratio from set_config (PBT) must act on
+    the very next rollout exactly as in an organism built with it, and it must matter."""
+    config = OrganismConfig(learning_rule="rstdp", stdp_depression=0.5, rollout_length=32, seed=3)
     changed = Organism(config)
-    obs = BatchedForagingGrid(6, seed=0).reset()
-    changed.learn_act(obs)  # a decision with ratio 0.5: its plan and record spec now exist
-    changed._rollout.clear()
-    changed.set_config(OrganismConfig.from_dict(dict(config.to_dict(), stdp_depression=2.0)))
-    fresh = Organism(OrganismConfig.from_dict(dict(config.to_dict(), stdp_depression=2.0)))
-    fresh.learn_act(obs)
-    fresh._rollout.clear()  # both have now taken one decision from the same state and stream
-    changed.learn_act(obs)
-    fresh.learn_act(obs)
-    mine, theirs = changed._rollout.view("hidden_post"), fresh._rollout.view("hidden_post")
-    assert torch.equal(mine, theirs) and bool((mine != 0).any())
+    live(changed, BatchedForagingGrid(16, seed=0), 32)  # one rollout and update: its caches exist
+    state = changed.state_dict()
+
+    def rebuilt(ratio: float) -> Organism:
+        made = Organism(config)
+        made.load_state_dict(copy.deepcopy(dict(state, config=dict(state["config"], stdp_depression=ratio))))
+        return made
+
+    fresh, unchanged = rebuilt(2.0), rebuilt(0.5)
+    changed.set_config(OrganismConfig.from_dict(dict(changed.config.to_dict(), stdp_depression=2.0)))
+    for organism in (changed, fresh, unchanged):
+        live(organism, BatchedForagingGrid(16, seed=1), 32)  # food is found: the advantages are not all 0
+        assert organism.stats.updates == 2
+    names = sorted(changed.params)
+    assert all(torch.equal(changed.params[k], fresh.params[k]) for k in names)
+    assert not all(torch.equal(changed.params[k], unchanged.params[k]) for k in names)
+
+
+def test_weights_are_perturbed_between_rollouts_only():
+    """An R-STDP update rebuilds its decisions' post factors from their spike bits with the
+    readout weights of the rollout: perturbing them mid-rollout is refused, as checkpointing is."""
+    organism = Organism(OrganismConfig(learning_rule="rstdp", rollout_length=4))
+    env = BatchedForagingGrid(3, seed=0)
+    result = env.step(organism.learn_act(env.reset()))
+    before = {k: v.clone() for k, v in organism.params.items()}
+    with pytest.raises(RuntimeError, match="in the middle of a rollout"):
+        organism.perturb_weights(0.1)
+    assert all(torch.equal(before[k], organism.params[k]) for k in before)
+    organism.learn_feedback(result.reward, result.done)
+    assert organism.finish_rollout() and not len(organism._rollout)
+    organism.perturb_weights(0.1)
+    assert not torch.equal(before["input_weight"], organism.params["input_weight"])
 
 
 def test_rollout_slots_are_the_buffers_rows_and_a_shape_change_mid_rollout_is_refused():
