@@ -168,13 +168,26 @@ static inline void lif_32_bits(int64_t T, const float *restrict x, const vf8 *q,
 }
 
 /* T steps of n neurons with constant input x, in place on v and i; counts receive the spikes.
- * lif_block_stdp also sums the STDP factor stdp = sum_t z_t w[t] in step order. */
+ * A learner's record besides, if asked (at most one): stdp, each neuron's STDP factor
+ * sum_t z_t w[t] summed in step order; bits, its spikes as the bits of an int16 (T <= 15). */
 static inline void lif_block(int64_t n, int64_t T, const float *restrict x, const float *restrict p,
-                             float *restrict v, float *restrict i, float *restrict counts) {
+                             float *restrict v, float *restrict i, float *restrict counts, const float *restrict w,
+                             float *restrict stdp, int16_t *restrict bits) {
     if (n == HBLOCK) {
         const vf8 q[5] = {splat8(p[0]), splat8(p[1]), splat8(p[2]), splat8(p[3]), splat8(p[4])};
+        const int leak_zero = p[2] == 0.0f; /* each call below with a constant: its own inlined copy */
         for (int64_t j = 0; j < HBLOCK; j += 4 * LANES) {
-            if (p[2] == 0.0f)
+            if (stdp) {
+                if (leak_zero)
+                    lif_32_stdp(T, x + j, q, v + j, i + j, counts + j, w, stdp + j, 1);
+                else
+                    lif_32_stdp(T, x + j, q, v + j, i + j, counts + j, w, stdp + j, 0);
+            } else if (bits) {
+                if (leak_zero)
+                    lif_32_bits(T, x + j, q, v + j, i + j, counts + j, bits + j, 1);
+                else
+                    lif_32_bits(T, x + j, q, v + j, i + j, counts + j, bits + j, 0);
+            } else if (leak_zero)
                 lif_32(T, x + j, q, v + j, i + j, counts + j, 1);
             else
                 lif_32(T, x + j, q, v + j, i + j, counts + j, 0);
@@ -182,61 +195,10 @@ static inline void lif_block(int64_t n, int64_t T, const float *restrict x, cons
         return;
     }
     const float q[5] = {p[0], p[1], p[2], p[3], p[4]};
-    for (int64_t h = 0; h < n; h++) counts[h] = 0.0f;
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < n; h++) {
-            float vh = v[h], ih = i[h], z;
-            LIF_STEP(x[h], vh, ih, z);
-            v[h] = vh;
-            i[h] = ih;
-            counts[h] += z;
-        }
-}
-
-static inline void lif_block_stdp(int64_t n, int64_t T, const float *restrict x, const float *restrict p,
-                                  float *restrict v, float *restrict i, float *restrict counts,
-                                  const float *restrict w, float *restrict stdp) {
-    if (n == HBLOCK) {
-        const vf8 q[5] = {splat8(p[0]), splat8(p[1]), splat8(p[2]), splat8(p[3]), splat8(p[4])};
-        for (int64_t j = 0; j < HBLOCK; j += 4 * LANES) {
-            if (p[2] == 0.0f)
-                lif_32_stdp(T, x + j, q, v + j, i + j, counts + j, w, stdp + j, 1);
-            else
-                lif_32_stdp(T, x + j, q, v + j, i + j, counts + j, w, stdp + j, 0);
-        }
-        return;
-    }
-    const float q[5] = {p[0], p[1], p[2], p[3], p[4]};
-    for (int64_t h = 0; h < n; h++) counts[h] = stdp[h] = 0.0f;
-    for (int64_t t = 0; t < T; t++) {
-        const float wt = w[t];
-        for (int64_t h = 0; h < n; h++) {
-            float vh = v[h], ih = i[h], z;
-            LIF_STEP(x[h], vh, ih, z);
-            v[h] = vh;
-            i[h] = ih;
-            counts[h] += z;
-            stdp[h] += z * wt;
-        }
-    }
-}
-
-static inline void lif_block_bits(int64_t n, int64_t T, const float *restrict x, const float *restrict p,
-                                  float *restrict v, float *restrict i, float *restrict counts, int16_t *restrict bits) {
-    if (n == HBLOCK) {
-        const vf8 q[5] = {splat8(p[0]), splat8(p[1]), splat8(p[2]), splat8(p[3]), splat8(p[4])};
-        for (int64_t j = 0; j < HBLOCK; j += 4 * LANES) {
-            if (p[2] == 0.0f)
-                lif_32_bits(T, x + j, q, v + j, i + j, counts + j, bits + j, 1);
-            else
-                lif_32_bits(T, x + j, q, v + j, i + j, counts + j, bits + j, 0);
-        }
-        return;
-    }
-    const float q[5] = {p[0], p[1], p[2], p[3], p[4]};
     for (int64_t h = 0; h < n; h++) {
         counts[h] = 0.0f;
-        bits[h] = 0;
+        if (stdp) stdp[h] = 0.0f;
+        if (bits) bits[h] = 0;
     }
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < n; h++) {
@@ -245,7 +207,8 @@ static inline void lif_block_bits(int64_t n, int64_t T, const float *restrict x,
             v[h] = vh;
             i[h] = ih;
             counts[h] += z;
-            bits[h] = (int16_t)(bits[h] | (z != 0.0f ? 1 << t : 0));
+            if (stdp) stdp[h] += z * w[t];
+            if (bits) bits[h] = (int16_t)(bits[h] | (z != 0.0f ? 1 << t : 0));
         }
 }
 
@@ -566,12 +529,8 @@ int gsnn_decide(decide_args *d) {
                             x);
                 if (d->v0_out) memcpy(d->v0_out + o, d->v + o, (size_t)n * sizeof(float));
                 if (d->i0_out) memcpy(d->i0_out + o, d->i + o, (size_t)n * sizeof(float));
-                if (stdp)
-                    lif_block_stdp(n, T, x, d->p, d->v + o, d->i + o, d->counts + o, d->stdp_w, d->hidden_post + o);
-                else if (d->spikes_out)
-                    lif_block_bits(n, T, x, d->p, d->v + o, d->i + o, d->counts + o, d->spikes_out + o);
-                else
-                    lif_block(n, T, x, d->p, d->v + o, d->i + o, d->counts + o);
+                lif_block(n, T, x, d->p, d->v + o, d->i + o, d->counts + o, d->stdp_w,
+                          stdp ? d->hidden_post + o : NULL, !stdp && d->spikes_out ? d->spikes_out + o : NULL);
             }
         }
         for (int64_t b = b0; b < b0 + rows; b++) {
