@@ -80,81 +80,37 @@ static inline vi8 lif_step8(vf8 x, vf8 *v, vf8 *i, const vf8 *q, const int leak_
     return spike;
 }
 
+/* What a learning decision records of its neurons besides their counts (lif_32's `record`). */
+enum { RECORD_NONE, RECORD_STDP, RECORD_BITS };
+
 /* T steps of 32 neurons at x, v, i with four groups of eight interleaved (independent chains
- * keep the core busy); spike counts to counts. */
+ * keep the core busy); spike counts to counts. With record (a constant at every call, so each
+ * inlined copy keeps only its own work) also RECORD_STDP: each neuron's STDP factor
+ * sum_t z_t w[t] (gsnn.neurons.stdp_step_weights; one more register per group and one AND and one
+ * add per step) to stdp; RECORD_BITS: its spikes as the bits of an int16, bit t = step t (T <= 15),
+ * from which R-STDP's update rebuilds the counts (popcount) and the factor
+ * (gsnn_rstdp_directions_from_spikes), to bits. */
 static inline void lif_32(int64_t T, const float *restrict x, const vf8 *q, float *restrict v, float *restrict i,
-                          float *restrict counts, const int leak_zero) {
-    vf8 vj[4], ij[4], xj[4];
-    vi8 c[4];
-    for (int k = 0; k < 4; k++) {
-        vj[k] = load8(v + k * LANES);
-        ij[k] = load8(i + k * LANES);
-        xj[k] = load8(x + k * LANES);
-        c[k] = (vi8){0, 0, 0, 0, 0, 0, 0, 0};
-    }
-    for (int64_t t = 0; t < T; t++)
-        for (int k = 0; k < 4; k++) c[k] -= lif_step8(xj[k], &vj[k], &ij[k], q, leak_zero); /* mask -1: +1 */
-    for (int k = 0; k < 4; k++) {
-        store8(v + k * LANES, vj[k]);
-        store8(i + k * LANES, ij[k]);
-        vf8 cf;
-        for (int l = 0; l < LANES; l++) cf[l] = (float)c[k][l];
-        store8(counts + k * LANES, cf);
-    }
-}
-
-/* lif_32 that also sums each neuron's STDP factor, sum_t z_t w[t] (gsnn.neurons.stdp_step_weights):
- * one more register per group of eight, and one AND and one add per step. */
-static inline void lif_32_stdp(int64_t T, const float *restrict x, const vf8 *q, float *restrict v, float *restrict i,
-                               float *restrict counts, const float *restrict w, float *restrict stdp,
-                               const int leak_zero) {
+                          float *restrict counts, const int leak_zero, const int record, const float *restrict w,
+                          float *restrict stdp, int16_t *restrict bits) {
     vf8 vj[4], ij[4], xj[4], f[4];
-    vi8 c[4];
-    for (int k = 0; k < 4; k++) {
-        vj[k] = load8(v + k * LANES);
-        ij[k] = load8(i + k * LANES);
-        xj[k] = load8(x + k * LANES);
-        f[k] = splat8(0.0f);
-        c[k] = (vi8){0, 0, 0, 0, 0, 0, 0, 0};
-    }
-    for (int64_t t = 0; t < T; t++) {
-        const vf8 wt = splat8(w[t]);
-        for (int k = 0; k < 4; k++) {
-            const vi8 spike = lif_step8(xj[k], &vj[k], &ij[k], q, leak_zero);
-            c[k] -= spike;
-            f[k] += (vf8)(spike & (vi8)wt); /* z * w: w or +0, the same sum */
-        }
-    }
-    for (int k = 0; k < 4; k++) {
-        store8(v + k * LANES, vj[k]);
-        store8(i + k * LANES, ij[k]);
-        vf8 cf;
-        for (int l = 0; l < LANES; l++) cf[l] = (float)c[k][l];
-        store8(counts + k * LANES, cf);
-        store8(stdp + k * LANES, f[k]);
-    }
-}
-
-/* lif_32 that also keeps each neuron's spikes as the bits of one integer, bit t = step t (T <= 15):
- * the learner's record of R-STDP, from which its update rebuilds the counts (their popcount) and
- * the STDP factor (gsnn_rstdp_directions). */
-static inline void lif_32_bits(int64_t T, const float *restrict x, const vf8 *q, float *restrict v, float *restrict i,
-                               float *restrict counts, int16_t *restrict bits, const int leak_zero) {
-    vf8 vj[4], ij[4], xj[4];
     vi8 c[4], b[4];
     for (int k = 0; k < 4; k++) {
         vj[k] = load8(v + k * LANES);
         ij[k] = load8(i + k * LANES);
         xj[k] = load8(x + k * LANES);
         c[k] = b[k] = (vi8){0, 0, 0, 0, 0, 0, 0, 0};
+        f[k] = splat8(0.0f);
     }
     for (int64_t t = 0; t < T; t++) {
-        const int32_t one = (int32_t)1 << t;
+        const vf8 wt = splat8(record == RECORD_STDP ? w[t] : 0.0f);
+        const int32_t one = record == RECORD_BITS ? (int32_t)1 << t : 0;
         const vi8 bit = {one, one, one, one, one, one, one, one};
         for (int k = 0; k < 4; k++) {
             const vi8 spike = lif_step8(xj[k], &vj[k], &ij[k], q, leak_zero);
-            c[k] -= spike;
-            b[k] |= spike & bit;
+            c[k] -= spike; /* mask -1: +1 */
+            if (record == RECORD_STDP) f[k] += (vf8)(spike & (vi8)wt); /* z * w: w or +0, the same sum */
+            if (record == RECORD_BITS) b[k] |= spike & bit;
         }
     }
     for (int k = 0; k < 4; k++) {
@@ -163,7 +119,9 @@ static inline void lif_32_bits(int64_t T, const float *restrict x, const vf8 *q,
         vf8 cf;
         for (int l = 0; l < LANES; l++) cf[l] = (float)c[k][l];
         store8(counts + k * LANES, cf);
-        for (int l = 0; l < LANES; l++) bits[k * LANES + l] = (int16_t)b[k][l];
+        if (record == RECORD_STDP) store8(stdp + k * LANES, f[k]);
+        if (record == RECORD_BITS)
+            for (int l = 0; l < LANES; l++) bits[k * LANES + l] = (int16_t)b[k][l];
     }
 }
 
@@ -175,22 +133,22 @@ static inline void lif_block(int64_t n, int64_t T, const float *restrict x, cons
                              float *restrict stdp, int16_t *restrict bits) {
     if (n == HBLOCK) {
         const vf8 q[5] = {splat8(p[0]), splat8(p[1]), splat8(p[2]), splat8(p[3]), splat8(p[4])};
-        const int leak_zero = p[2] == 0.0f; /* each call below with a constant: its own inlined copy */
+        const int leak_zero = p[2] == 0.0f; /* each call below with constants: its own inlined copy */
         for (int64_t j = 0; j < HBLOCK; j += 4 * LANES) {
             if (stdp) {
                 if (leak_zero)
-                    lif_32_stdp(T, x + j, q, v + j, i + j, counts + j, w, stdp + j, 1);
+                    lif_32(T, x + j, q, v + j, i + j, counts + j, 1, RECORD_STDP, w, stdp + j, NULL);
                 else
-                    lif_32_stdp(T, x + j, q, v + j, i + j, counts + j, w, stdp + j, 0);
+                    lif_32(T, x + j, q, v + j, i + j, counts + j, 0, RECORD_STDP, w, stdp + j, NULL);
             } else if (bits) {
                 if (leak_zero)
-                    lif_32_bits(T, x + j, q, v + j, i + j, counts + j, bits + j, 1);
+                    lif_32(T, x + j, q, v + j, i + j, counts + j, 1, RECORD_BITS, NULL, NULL, bits + j);
                 else
-                    lif_32_bits(T, x + j, q, v + j, i + j, counts + j, bits + j, 0);
+                    lif_32(T, x + j, q, v + j, i + j, counts + j, 0, RECORD_BITS, NULL, NULL, bits + j);
             } else if (leak_zero)
-                lif_32(T, x + j, q, v + j, i + j, counts + j, 1);
+                lif_32(T, x + j, q, v + j, i + j, counts + j, 1, RECORD_NONE, NULL, NULL, NULL);
             else
-                lif_32(T, x + j, q, v + j, i + j, counts + j, 0);
+                lif_32(T, x + j, q, v + j, i + j, counts + j, 0, RECORD_NONE, NULL, NULL, NULL);
         }
         return;
     }
