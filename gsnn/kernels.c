@@ -682,6 +682,7 @@ typedef struct {
     const float *table;    /* (2^T): the STDP factor of each spike pattern */
     const float *ones;     /* (2^T): the spikes of each pattern (its popcount) */
     const float *wout_t;   /* (A, H) */
+    uint16_t mask;         /* 2^T - 1: a pattern is looked up as its low T bits (never beyond the table) */
 } spike_record;
 
 static inline void rebuild_row(const spike_record *s, int64_t H, int64_t A, int64_t r, int64_t h0, int64_t n,
@@ -696,13 +697,14 @@ static inline void rebuild_row(const spike_record *s, int64_t H, int64_t A, int6
     int64_t h = 0;
 #if defined(__AVX2__)
     for (; h + 8 <= n; h += 8) { /* eight table lookups at once */
-        const __m256i index = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(bits + h)));
+        const __m256i index = _mm256_and_si256(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(bits + h))),
+                                               _mm256_set1_epi32((int)s->mask));
         _mm256_storeu_ps(hp + h, _mm256_mul_ps(_mm256_i32gather_ps(s->table, index, 4), _mm256_loadu_ps(feedback + h)));
         _mm256_storeu_ps(cnt + h, _mm256_i32gather_ps(s->ones, index, 4));
     }
 #endif
     for (; h < n; h++) {
-        const uint16_t pattern = (uint16_t)bits[h];
+        const uint16_t pattern = (uint16_t)bits[h] & s->mask;
         hp[h] = s->table[pattern] * feedback[h];
         cnt[h] = s->ones[pattern];
     }
@@ -875,7 +877,7 @@ int gsnn_rstdp_directions_from_spikes(int64_t R, int64_t N, int64_t H, int64_t A
         ones[p] = (float)__builtin_popcountll((unsigned long long)p);
     }
     transpose(H, A, wout, wout_t);
-    const spike_record record = {spikes, table, ones, wout_t};
+    const spike_record record = {spikes, table, ones, wout_t, (uint16_t)(patterns - 1)};
     const int status = rstdp_directions(R, N, H, A, obs, NULL, NULL, &record, action_post, w, scale, dW, db, dWout,
                                         dbout);
     free(table), free(wout_t);

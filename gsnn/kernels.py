@@ -9,7 +9,9 @@ CPU fallback where no C compiler is found).
 - ``reinforce_backward``: REINFORCE's gradient below the logits: through the readout, the T LIF
   steps of every decision (Norse's SuperSpike surrogate) and the input weights of active inputs.
 - ``rstdp_directions``: R-STDP's update, each decision's eligibility weighted by its advantage
-  (the input weights' part touches only the active inputs of each decision).
+  (the input weights' part touches only the active inputs of each decision);
+  ``rstdp_directions_from_spikes`` the same from the decisions' spike bits (``decide``'s
+  "spikes"), rebuilding their counts and post factors (``spike_factors``).
 - ``advantages``, ``sum_squares``, ``adam_step``: the rest of an update (returns and advantages,
   the gradient norm, Adam), one pass each instead of a dozen small torch ops.
 
@@ -80,6 +82,8 @@ def _c(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _check(status: int) -> None:
+    if status == -2:
+        raise ValueError("gsnn C kernel: an argument out of its range")
     if status != 0:
         raise MemoryError("gsnn C kernel: out of memory for its scratch space")
 

@@ -333,6 +333,22 @@ def test_rstdp_directions_from_spike_bits_equal_those_from_post_factors(backend,
             torch.testing.assert_close(rebuilt[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_spike_bits_beyond_the_steps_are_ignored_not_read_beyond_the_table(backend):
+    """The update looks a neuron's spikes up as their low T bits: an int16 with higher bits (not
+    a record of T steps) never reads outside the 2^T-entry table."""
+    g = torch.Generator().manual_seed(6)
+    R, H, T = 20, 70, 3
+    obs, action_post = sparse_observations(g, R), torch.randn(R, 4, generator=g)
+    low = torch.randint(0, 2**T, (R, H), generator=g).to(torch.int16)
+    high = low | torch.tensor(-32768 | 0x7FF8, dtype=torch.int16)  # every bit above the T steps set
+    args = (action_post, torch.randn(H, 4, generator=g), stdp_step_weights(0.8, T, 0.5), torch.randn(R, generator=g),
+            -1.0 / R)
+    clean = kernels.rstdp_directions_from_spikes(obs, low, *args)
+    noisy = kernels.rstdp_directions_from_spikes(obs, high, *args)
+    for name in clean:
+        assert torch.equal(clean[name], noisy[name]), name
+
+
 def test_spike_bits_need_at_most_fifteen_steps():
     g = torch.Generator().manual_seed(2)
     with pytest.raises(ValueError, match="spikes \\(as bits\\) needs 1 to 15 steps, got 16"):
