@@ -36,7 +36,7 @@ CHECKPOINT_FORMAT = "gsnn-organism"
 CHECKPOINT_VERSION = 2  # 2: the optimizer section is gsnn.adam.Adam's (1 was torch.optim.Adam's)
 
 # Settings a rollout's record depends on: changed between rollouts only (Organism.set_config).
-RECORD_SETTINGS = ("snn_steps", "stdp_trace_decay", "stdp_depression")
+RECORD_SETTINGS = ("learning_rule", "snn_steps", "stdp_trace_decay", "stdp_depression")
 # Parameter name -> the axis that indexes hidden neurons (None: no neuron axis).
 NEURON_AXIS = {"input_weight": 1, "hidden_bias": 0, "readout_weight": 0, "readout_bias": None}
 
@@ -484,9 +484,10 @@ class Organism:
     def set_config(self, config: OrganismConfig) -> None:
         """Adopt new settings (PBT's mutations) without touching shape, weights or statistics:
         neuron parameters, learning rate and everything read from the config take effect now.
-        What a rollout's record depends on (the SNN steps and the STDP trace decay and depression,
-        from which an R-STDP update rebuilds its decisions' post factors) changes between rollouts
-        only: mid-rollout that is refused, and the organism is left as it was."""
+        What a rollout's record depends on (the learning rule; the SNN steps and the STDP trace
+        decay and depression, from which an R-STDP update rebuilds its decisions' post factors)
+        changes between rollouts only: mid-rollout that is refused, and the organism is left as it
+        was."""
         config = config.validate()
         if len(self._rollout):
             changed = [name for name in RECORD_SETTINGS if getattr(config, name) != getattr(self.config, name)]

@@ -366,13 +366,15 @@ def test_weights_are_perturbed_between_rollouts_only():
 
 def test_settings_a_rollout_record_depends_on_change_between_rollouts_only():
     """An R-STDP update rebuilds its decisions' post factors from their spike bits with the SNN
-    steps and STDP weights in force: set_config changing those mid-rollout is refused (the
-    organism unchanged); other settings are taken mid-rollout, and all of them between rollouts."""
+    steps and STDP weights in force, and reads what its own rule recorded: set_config changing
+    those mid-rollout is refused (the organism unchanged); other settings are taken mid-rollout,
+    and all of them between rollouts."""
     organism = Organism(OrganismConfig(learning_rule="rstdp", rollout_length=4))
     env = BatchedForagingGrid(3, seed=0)
     result = env.step(organism.learn_act(env.reset()))
     before = organism.config
-    for name, value in (("snn_steps", 3), ("stdp_trace_decay", 0.5), ("stdp_depression", 1.0)):
+    for name, value in (("learning_rule", "reinforce"), ("snn_steps", 3), ("stdp_trace_decay", 0.5),
+                        ("stdp_depression", 1.0)):
         with pytest.raises(RuntimeError, match=f"changes {name} in the middle of a rollout"):
             organism.set_config(OrganismConfig.from_dict(dict(before.to_dict(), **{name: value})))
         assert organism.config is before
