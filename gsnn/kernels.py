@@ -277,9 +277,8 @@ def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, r
         outputs[name] = tensor if tensor is not None else torch.empty(
             (B, N) if name == "obs" else (B, A) if name == "action_post" else (B, H),
             dtype=torch.int16 if name == "spikes" else torch.float32)
-    spikes = outputs.get("spikes")
-    if spikes is not None and (spikes.dtype != torch.int16 or tuple(spikes.shape) != (B, H)
-                               or not spikes.is_contiguous()):
+    bits = outputs.get("spikes")
+    if bits is not None and (bits.dtype != torch.int16 or tuple(bits.shape) != (B, H) or not bits.is_contiguous()):
         raise ValueError(f"decide: out['spikes'] must be a contiguous int16 tensor of shape {(B, H)}")
     args.obs, args.counts, args.logits = obs.data_ptr(), counts.data_ptr(), logits.data_ptr()
     args.actions = None if actions is None else actions.data_ptr()
