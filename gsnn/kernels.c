@@ -660,20 +660,6 @@ int gsnn_reinforce_backward(int64_t R, int64_t N, int64_t H, int64_t T, int64_t 
     return 0;
 }
 
-/* R-STDP's update directions for R decisions (rows), each decision's eligibility weighted by
- * its advantage w_r and the sum scaled by `scale` (gsnn.plasticity: scale = -1 / R):
- *   dW (N, H) = scale sum_r w_r obs_r^T hidden_post_r,   db (H) = scale sum_r w_r hidden_post_r,
- *   dWout (H, A) = scale sum_r counts_r^T (w_r action_post_r),  dbout (A) = scale sum_r w_r action_post_r.
- * obs (R, N); hidden_post, counts (R, H); action_post (R, A); w (R). Every output is written.
- *
- * dW is summed input by input: the active entries are regrouped by input k (chunks of STDP_ROWS
- * rows, each input's rows in increasing order, coefficient w_r * obs_r[k]), and each row of a
- * block of dW is summed in registers and stored once, scaled, at the last chunk where its input
- * is active (partial sums of earlier chunks wait in `keep`); an input never active gets a row of
- * zeros. Each element is the same sum in the same order as row by row (0 + (sum_r c_r g_r) * scale),
- * without a read-modify-write of every active input's row for every row, and without dense
- * passes over dW to clear, scale and add it. Returns 0, or -1 if out of memory. */
-#define STDP_ROWS 256 /* a chunk of hidden_post's block: 64 KB, in L2 while its inputs are summed */
 /* The post factors and counts of row r's block [h0, h0 + n) from its spike bits (see
  * gsnn_rstdp_directions_from_spikes), into hp and cnt: factor * feedback with the feedback summed
  * over actions as finish_world sums it, so each value is the one the decision would have stored. */
@@ -710,6 +696,21 @@ static inline void rebuild_row(const spike_record *s, int64_t H, int64_t A, int6
     }
 }
 
+/* R-STDP's update directions for R decisions (rows), each decision's eligibility weighted by
+ * its advantage w_r and the sum scaled by `scale` (gsnn.plasticity: scale = -1 / R):
+ *   dW (N, H) = scale sum_r w_r obs_r^T hidden_post_r,   db (H) = scale sum_r w_r hidden_post_r,
+ *   dWout (H, A) = scale sum_r counts_r^T (w_r action_post_r),  dbout (A) = scale sum_r w_r action_post_r.
+ * obs (R, N); hidden_post, counts (R, H); action_post (R, A); w (R). Every output is written.
+ *
+ * dW is summed input by input: the active entries are regrouped by input k (chunks of STDP_ROWS
+ * rows, each input's rows in increasing order, coefficient w_r * obs_r[k]), and each row of a
+ * block of dW is summed in registers and stored once, scaled, at the last chunk where its input
+ * is active (partial sums of earlier chunks wait in `keep`); an input never active gets a row of
+ * zeros. Each element is the same sum in the same order as row by row (0 + (sum_r c_r g_r) * scale),
+ * without a read-modify-write of every active input's row for every row, and without dense
+ * passes over dW to clear, scale and add it. With `spikes`, hidden_post and counts are NULL and
+ * each row's are rebuilt from its spike bits (rebuild_row). Returns 0, or -1 if out of memory. */
+#define STDP_ROWS 256 /* a chunk of hidden_post's block: 64 KB, in L2 while its inputs are summed */
 static int rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const float *obs, const float *hidden_post,
                             const float *counts, const spike_record *spikes, const float *action_post, const float *w,
                             float scale, float *dW, float *db, float *dWout, float *dbout) {

@@ -152,11 +152,12 @@ def lif_decision_fast(
         if c.v_reset != 0.0:
             v.add_(torch.sub(1.0, keep).mul_(c.v_reset))
         kept.add_(keep)
-        if factor is not None:
+        if factor is not None or spike_bits is not None:
             torch.sub(1.0, keep, out=scratch)  # the spikes of this step
-            factor.add_(scratch, alpha=step_weights[step])  # w or 0 (z is 0 or 1), summed in step order
-        if spike_bits is not None:
-            spike_bits.add_(torch.sub(1.0, keep), alpha=float(2**step))
+            if factor is not None:
+                factor.add_(scratch, alpha=step_weights[step])  # w or 0 (z is 0 or 1), summed in step order
+            if spike_bits is not None:
+                spike_bits.add_(scratch, alpha=float(2**step))
     counts = torch.sub(float(steps), kept, out=kept)
     return counts, factor
 
