@@ -413,6 +413,9 @@ typedef struct {
     float *vals;          /* min(B, CHUNK_ROWS) * N floats */
     int32_t *n_active;    /* min(B, CHUNK_ROWS) ints */
     int16_t *spikes_out;  /* (B, H) out: each neuron's spikes as bits, bit t = step t (T <= 15) */
+    int32_t *inputs_out;  /* (B * N) out, with the next two: the active inputs of every world, world */
+    float *input_values_out; /*   after world (indices in increasing order, their values), and */
+    int32_t *input_counts_out; /* (B) how many each world has (a compact record of the observation) */
 } decide_args;
 
 /* Readout, action and the learner's per-world record of world b, once its counts are complete. */
@@ -467,11 +470,20 @@ int gsnn_decide(decide_args *d) {
     if (d->rate_ema)
         for (int64_t h = 0; h < H; h++) rate_sum[h] = 0.0f;
     const int stdp = d->stdp_w && d->hidden_post;
+    int64_t recorded = 0; /* active inputs written to inputs_out so far */
     for (int64_t b0 = 0; b0 < B; b0 += CHUNK_ROWS) {
         const int64_t rows = B - b0 < CHUNK_ROWS ? B - b0 : CHUNK_ROWS;
         int8_t unit[CHUNK_ROWS];
         scan_rows(b0, rows, N, d->obs, d->active, d->vals, d->n_active, unit);
         if (d->obs_out) memcpy(d->obs_out + b0 * N, d->obs + b0 * N, (size_t)(rows * N) * sizeof(float));
+        if (d->inputs_out)
+            for (int64_t r = 0; r < rows; r++) {
+                const int32_t na = d->n_active[r];
+                memcpy(d->inputs_out + recorded, d->active + r * N, (size_t)na * sizeof(int32_t));
+                memcpy(d->input_values_out + recorded, d->vals + r * N, (size_t)na * sizeof(float));
+                d->input_counts_out[b0 + r] = na;
+                recorded += na;
+            }
         for (int64_t h0 = 0; h0 < H; h0 += HBLOCK) {
             const int64_t n = H - h0 < HBLOCK ? H - h0 : HBLOCK;
             const int copy = rows >= COPY_ROWS;
@@ -711,11 +723,11 @@ static inline void rebuild_row(const spike_record *s, int64_t H, int64_t A, int6
  * passes over dW to clear, scale and add it. With `spikes`, hidden_post and counts are NULL and
  * each row's are rebuilt from its spike bits (rebuild_row). Returns 0, or -1 if out of memory. */
 #define STDP_ROWS 256 /* a chunk of hidden_post's block: 64 KB, in L2 while its inputs are summed */
-static int rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const float *obs, const float *hidden_post,
-                            const float *counts, const spike_record *spikes, const float *action_post, const float *w,
-                            float scale, float *dW, float *db, float *dWout, float *dbout) {
-    active_rows act;
-    if (scan_all_rows(R, N, obs, &act) != 0) return -1;
+static int rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const active_rows *in,
+                            const float *hidden_post, const float *counts, const spike_record *spikes,
+                            const float *action_post, const float *w, float scale, float *dW, float *db,
+                            float *dWout, float *dbout) {
+    const active_rows act = *in;
     const int64_t chunks = (R + STDP_ROWS - 1) / STDP_ROWS, total = act.start[R];
     int64_t *start = calloc((size_t)(chunks * N + 1), sizeof(int64_t)), *cursor = malloc(sizeof(int64_t) * (size_t)N);
     int32_t *rows = malloc(sizeof(int32_t) * (size_t)(total + 1)), *first = malloc(sizeof(int32_t) * (size_t)(2 * N));
@@ -724,7 +736,6 @@ static int rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const fl
     float *keep = malloc(sizeof(float) * (size_t)(N * HBLOCK + A * HBLOCK + A + 2 * STDP_ROWS * HBLOCK));
     if (!start || !cursor || !rows || !first || !coefs || !unit || !keep) {
         free(start), free(cursor), free(rows), free(first), free(coefs), free(unit), free(keep);
-        free_rows(&act);
         return -1;
     }
     int32_t *last = first + N;
@@ -841,14 +852,71 @@ static int rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const fl
         readout_store(n, A, h0, ro, dWout);
     }
     free(start), free(cursor), free(rows), free(first), free(coefs), free(unit), free(keep);
-    free_rows(&act);
     return 0;
+}
+
+/* rstdp_directions over the active inputs of R observations (R, N), listed first. */
+static int rstdp_directions_obs(int64_t R, int64_t N, int64_t H, int64_t A, const float *obs,
+                                const float *hidden_post, const float *counts, const spike_record *spikes,
+                                const float *action_post, const float *w, float scale, float *dW, float *db,
+                                float *dWout, float *dbout) {
+    active_rows act;
+    if (scan_all_rows(R, N, obs, &act) != 0) return -1;
+    const int status = rstdp_directions(R, N, H, A, &act, hidden_post, counts, spikes, action_post, w, scale, dW, db,
+                                        dWout, dbout);
+    free_rows(&act);
+    return status;
 }
 
 int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const float *obs, const float *hidden_post,
                           const float *counts, const float *action_post, const float *w, float scale, float *dW,
                           float *db, float *dWout, float *dbout) {
-    return rstdp_directions(R, N, H, A, obs, hidden_post, counts, NULL, action_post, w, scale, dW, db, dWout, dbout);
+    return rstdp_directions_obs(R, N, H, A, obs, hidden_post, counts, NULL, action_post, w, scale, dW, db, dWout,
+                                dbout);
+}
+
+/* The active inputs of a rollout's decisions from their record (decide_args.inputs_out,
+ * input_values_out, input_counts_out): R rows in slots of B, slot l's lists at inputs + l * B * N,
+ * gathered compactly into a. Returns 0, -1 if out of memory, -2 if the record is not one (a count
+ * beyond 0..N, a slot's total beyond B * N, an index beyond 0..N - 1), with nothing allocated. */
+static int record_rows(int64_t R, int64_t B, int64_t N, const int32_t *inputs, const float *values,
+                       const int32_t *counts, active_rows *a) {
+    if (B < 1 || R % B != 0) return -2;
+    int64_t total = 0;
+    for (int64_t l = 0; l < R / B; l++) {
+        int64_t slot = 0;
+        for (int64_t r = l * B; r < (l + 1) * B; r++) {
+            if (counts[r] < 0 || counts[r] > N) return -2;
+            slot += counts[r];
+        }
+        if (slot > B * N) return -2;
+        total += slot;
+    }
+    a->start = malloc(sizeof(int64_t) * (size_t)(R + 1));
+    a->cols = malloc(sizeof(int32_t) * (size_t)(total + 1));
+    a->vals = malloc(sizeof(float) * (size_t)(total + 1));
+    a->unit = NULL;
+    if (!a->start || !a->cols || !a->vals) {
+        free_rows(a);
+        return -1;
+    }
+    int64_t at = 0;
+    for (int64_t l = 0; l < R / B; l++) {
+        const int64_t first = at;
+        for (int64_t r = l * B; r < (l + 1) * B; r++) {
+            a->start[r] = at;
+            at += counts[r];
+        }
+        memcpy(a->cols + first, inputs + l * B * N, sizeof(int32_t) * (size_t)(at - first));
+        memcpy(a->vals + first, values + l * B * N, sizeof(float) * (size_t)(at - first));
+    }
+    a->start[R] = at;
+    for (int64_t e = 0; e < total; e++)
+        if (a->cols[e] < 0 || a->cols[e] >= N) {
+            free_rows(a);
+            return -2;
+        }
+    return 0;
 }
 
 /* gsnn_rstdp_directions from the decisions' spike bits (decide_args.spikes_out, T <= 15 steps)
@@ -858,17 +926,25 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
  * adding each pattern's highest step to the sum of the steps below it: the same additions as the
  * decision's), and its feedback W_out @ action_post with the readout weights of the rollout (they
  * change only at updates). The directions are bit for bit those of gsnn_rstdp_directions over
- * the post factors and counts the decisions would have stored. */
+ * the post factors and counts the decisions would have stored. The active inputs come from the
+ * observations obs (R, N), or where obs is NULL from the decisions' record of them (record_rows:
+ * slots of B rows; about 90 bytes a decision instead of the observation's 1.8 KB, and no scan). */
 int gsnn_rstdp_directions_from_spikes(int64_t R, int64_t N, int64_t H, int64_t A, int64_t T, const float *obs,
-                                      const int16_t *spikes, const float *wout, const float *stdp_w,
-                                      const float *action_post, const float *w, float scale, float *dW, float *db,
-                                      float *dWout, float *dbout) {
+                                      int64_t B, const int32_t *inputs, const float *input_values,
+                                      const int32_t *input_counts, const int16_t *spikes, const float *wout,
+                                      const float *stdp_w, const float *action_post, const float *w, float scale,
+                                      float *dW, float *db, float *dWout, float *dbout) {
     if (T < 1 || T > 15) return -2;
     const int64_t patterns = (int64_t)1 << T;
     float *table = malloc(sizeof(float) * (size_t)(2 * patterns)), *wout_t = malloc(sizeof(float) * (size_t)(A * H + 1));
-    if (!table || !wout_t) {
+    active_rows act;
+    const int listed = table && wout_t
+                           ? (obs ? scan_all_rows(R, N, obs, &act)
+                                  : record_rows(R, B, N, inputs, input_values, input_counts, &act))
+                           : -1;
+    if (listed != 0) {
         free(table), free(wout_t);
-        return -1;
+        return listed;
     }
     float *ones = table + patterns;
     table[0] = ones[0] = 0.0f;
@@ -879,9 +955,10 @@ int gsnn_rstdp_directions_from_spikes(int64_t R, int64_t N, int64_t H, int64_t A
     }
     transpose(H, A, wout, wout_t);
     const spike_record record = {spikes, table, ones, wout_t, (uint16_t)(patterns - 1)};
-    const int status = rstdp_directions(R, N, H, A, obs, NULL, NULL, &record, action_post, w, scale, dW, db, dWout,
+    const int status = rstdp_directions(R, N, H, A, &act, NULL, NULL, &record, action_post, w, scale, dW, db, dWout,
                                         dbout);
     free(table), free(wout_t);
+    free_rows(&act);
     return status;
 }
 

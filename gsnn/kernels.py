@@ -46,7 +46,8 @@ class DecideArgs(ctypes.Structure):
                                 "uniform", "obs_out", "x_out", "v0_out", "i0_out", "stdp_w")
     ] + [("hidden_post", _P), ("action_post", _P), ("rate_ema", _P),
          ("rate_alpha", _F), ("sums", ctypes.c_double * 3), ("scratch", _P), ("active", _P), ("vals", _P),
-         ("n_active", _P), ("spikes_out", _P)]
+         ("n_active", _P), ("spikes_out", _P), ("inputs_out", _P), ("input_values_out", _P),
+         ("input_counts_out", _P)]
 
 
 _D = ctypes.c_double
@@ -54,7 +55,8 @@ SIGNATURES = {  # keep in step with gsnn/kernels.c
     "gsnn_decide": ([ctypes.POINTER(DecideArgs)], ctypes.c_int),
     "gsnn_reinforce_backward": ([_I] * 5 + [_P] * 11, ctypes.c_int),  # obs, v0, i0, g_logits, W, b, W_out, p, 3 out
     "gsnn_rstdp_directions": ([_I] * 4 + [_P] * 5 + [_F] + [_P] * 4, ctypes.c_int),
-    "gsnn_rstdp_directions_from_spikes": ([_I] * 5 + [_P] * 6 + [_F] + [_P] * 4, ctypes.c_int),
+    # R, N, H, A, T, obs, B, inputs, input_values, input_counts, spikes, wout, stdp_w, action_post, w, scale, 4 out
+    "gsnn_rstdp_directions_from_spikes": ([_I] * 5 + [_P, _I] + [_P] * 8 + [_F] + [_P] * 4, ctypes.c_int),
     "gsnn_advantages": ([_I, _I, _P, _P, _D, _P], ctypes.c_int),
     "gsnn_sum_squares": ([_I, _P], _D),
     "gsnn_adam": ([_I] + [_P] * 4 + [_F] * 6, _D),
@@ -145,8 +147,34 @@ class Workspace:
         return buffer
 
 
-KEEP = ("obs", "x", "v0", "i0", "hidden_post", "action_post", "spikes")  # what a learner may keep of a decision
+KEEP = ("obs", "x", "v0", "i0", "hidden_post", "action_post", "spikes", "inputs")  # what a learner may keep
 SPIKE_BITS_MAX_STEPS = 15  # "spikes": each neuron's T spikes as the bits of an int16, bit t = step t
+# "inputs": the observation's active inputs, a compact record of it in three outputs (ActiveInputs)
+INPUT_RECORD = {"inputs": torch.int32, "input_values": torch.float32, "input_counts": torch.int32}
+
+
+@dataclass
+class ActiveInputs:
+    """The active (non-zero) inputs of decisions in slots of B worlds, as ``decide`` keeps them
+    ("inputs"): slot l's worlds one after another in ``inputs[l]`` (indices, increasing within a
+    world) and ``values[l]``, world b's ``counts[l, b]`` of them after those of worlds 0..b-1; the
+    rest of each slot is unused. About 90 bytes a decision of the foraging world against the
+    observation's 1.8 KB, and an update reads them without scanning observations."""
+
+    inputs: torch.Tensor  # (L, B * N) int32
+    values: torch.Tensor  # (L, B * N) float32
+    counts: torch.Tensor  # (L, B) int32
+
+    def dense(self, n_inputs: int) -> torch.Tensor:
+        """The (L * B, N) observations the lists were taken from."""
+        L, B = self.counts.shape
+        counts = self.counts.long()
+        obs = torch.zeros(L * B, n_inputs, dtype=torch.float32, device=self.counts.device)
+        for slot in range(L):
+            used = int(counts[slot].sum())
+            rows = torch.repeat_interleave(torch.arange(B, device=counts.device) + slot * B, counts[slot])
+            obs[rows, self.inputs[slot, :used].long()] = self.values[slot, :used]
+        return obs
 
 
 def decide(
@@ -186,13 +214,20 @@ def decide(
     B, H, A = obs.shape[0], params["input_weight"].shape[1], params["readout_weight"].shape[1]
     shapes = {"counts": (B, H), "logits": (B, A), "obs": tuple(obs.shape), "x": (B, H), "v0": (B, H), "i0": (B, H),
               "hidden_post": (B, H), "action_post": (B, A), "spikes": (B, H)}
+    if "inputs" in keep:
+        for name, dtype in INPUT_RECORD.items():
+            size = B if name == "input_counts" else obs.numel()
+            if name not in out:
+                out[name] = torch.empty(size, dtype=dtype, device=obs.device)
+            elif out[name].dtype != dtype or out[name].numel() < size or not out[name].is_contiguous():
+                raise ValueError(f"decide: out[{name!r}] must be a contiguous {dtype} tensor of at least {size} elements")
     for name in ("counts", "logits"):  # scratch unless asked for: reused from the workspace
         if name not in out:
             size = shapes[name][0] * shapes[name][1]
             out[name] = (workspace.get(name, size, torch.float32, obs.device)[:size].view(shapes[name])
                          if workspace is not None else torch.empty(shapes[name], device=obs.device))
     for name in keep:
-        if name not in out:
+        if name not in out and name != "inputs":
             out[name] = torch.empty(shapes[name], dtype=torch.int16 if name == "spikes" else torch.float32,
                                     device=obs.device)
     if choose is not None and "actions" not in out:
@@ -273,6 +308,16 @@ def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, r
         actions = torch.empty(B, dtype=torch.int64)
     outputs = {}
     for name in keep:
+        if name == "inputs":
+            for part, dtype in INPUT_RECORD.items():  # written through unchecked pointers: checked
+                size, tensor = B if part == "input_counts" else B * N, out.get(part)
+                if tensor is None:
+                    tensor = torch.empty(size, dtype=dtype)
+                elif tensor.dtype != dtype or tensor.numel() < size or not tensor.is_contiguous():
+                    raise ValueError(f"decide: out[{part!r}] must be a contiguous {dtype} tensor of at least "
+                                     f"{size} elements")
+                outputs[part] = tensor
+            continue
         tensor = out.get(name)
         outputs[name] = tensor if tensor is not None else torch.empty(
             (B, N) if name == "obs" else (B, A) if name == "action_post" else (B, H),
@@ -287,6 +332,7 @@ def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, r
     args.uniform = _ptr(uniform)
     args.obs_out, args.x_out, args.v0_out, args.i0_out, args.hidden_post, args.action_post, args.spikes_out = (
         _ptr(outputs.get(name)) for name in ("obs", "x", "v0", "i0", "hidden_post", "action_post", "spikes"))
+    args.inputs_out, args.input_values_out, args.input_counts_out = (_ptr(outputs.get(name)) for name in INPUT_RECORD)
     if library().gsnn_decide(ctypes.byref(args)) != 0:
         raise NonFiniteObservation("observation holds NaN or Inf")
     obs_sum, spikes, logit_sum = args.sums
@@ -320,6 +366,11 @@ def _decide_torch(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, ra
         raise NonFiniteObservation("observation holds NaN or Inf")
     if "obs" in keep:
         out["obs"].copy_(obs)
+    if "inputs" in keep:  # world after world, each world's in increasing order: nonzero's order
+        rows, cols = torch.nonzero(obs, as_tuple=True)
+        out["inputs"][: cols.numel()].copy_(cols)
+        out["input_values"][: cols.numel()].copy_(obs[rows, cols])
+        out["input_counts"][: obs.shape[0]].copy_(torch.bincount(rows, minlength=obs.shape[0]))
     x = input_current_torch(obs, params["input_weight"], params["hidden_bias"])
     for name, value in (("x", x), ("v0", v), ("i0", i)):
         if name in keep:
@@ -350,8 +401,9 @@ def _decide_torch(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, ra
     if rate is not None:
         rate_ema, alpha = rate
         rate_ema.mul_(1 - alpha).add_(counts.mean(0), alpha=alpha / steps)
+    kept = [part for name in keep for part in (INPUT_RECORD if name == "inputs" else (name,))]
     return Decision(out["counts"], out["logits"], actions, obs_sum, counts.sum(),
-                    bool(torch.isfinite(logits).all()), {k: out[k] for k in keep})
+                    bool(torch.isfinite(logits).all()), {k: out[k] for k in kept})
 
 
 def reinforce_backward(obs: torch.Tensor, v0: torch.Tensor, i0: torch.Tensor, g_logits: torch.Tensor,
@@ -411,31 +463,48 @@ def spike_factors(spikes: torch.Tensor, step_weights: torch.Tensor) -> tuple[tor
     return popcounts[index], table[index]
 
 
-def rstdp_directions_from_spikes(obs: torch.Tensor, spikes: torch.Tensor, action_post: torch.Tensor,
-                                 readout_weight: torch.Tensor, step_weights: torch.Tensor, weights: torch.Tensor,
-                                 scale: float) -> dict[str, torch.Tensor]:
+def rstdp_directions_from_spikes(inputs: torch.Tensor | ActiveInputs, spikes: torch.Tensor,
+                                 action_post: torch.Tensor, readout_weight: torch.Tensor, step_weights: torch.Tensor,
+                                 weights: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
     """``rstdp_directions`` from the decisions' spike bits (R, H) int16 instead of their post
     factors and counts: the counts are the bits' popcount, the post factor the STDP factor of the
     bits (``spike_factors``) times the feedback ``readout_weight @ action_post``, with the readout
-    weights the decisions used (they change only at updates). Bit for bit the directions of the
-    post factors and counts the decisions would have kept (the C path; the torch twin within
-    rounding)."""
+    weights the decisions used (they change only at updates). The decisions' inputs are their
+    observations (R, N) or their record (``ActiveInputs``, R = L * B). Bit for bit the directions
+    of the post factors and counts the decisions would have kept (the C path; the torch twin
+    within rounding)."""
     T = step_weights.shape[0]
     if not 1 <= T <= SPIKE_BITS_MAX_STEPS:
         raise ValueError(f"spike bits need 1 to {SPIKE_BITS_MAX_STEPS} steps, got {T}")
-    if not use_native(obs.device):
+    (H, A), R = readout_weight.shape, spikes.shape[0]
+    record = inputs if isinstance(inputs, ActiveInputs) else None
+    if record is not None:
+        (L, B), N = record.counts.shape, record.inputs.shape[1] // max(record.counts.shape[1], 1)
+        if (L * B != R or record.inputs.shape != (L, B * N) or record.values.shape != (L, B * N)
+                or record.inputs.dtype != torch.int32 or record.values.dtype != torch.float32
+                or record.counts.dtype != torch.int32):
+            raise ValueError(f"inputs: an ActiveInputs of {R} decisions in slots of B worlds (int32 inputs and counts, "
+                             "float32 values)")
+    else:
+        N = inputs.shape[1]
+    device = spikes.device
+    if not use_native(device):
+        obs = record.dense(N) if record is not None else inputs
         counts, factors = spike_factors(spikes, step_weights)
         hidden_post = factors * (action_post @ readout_weight.T)
         return rstdp_directions(obs, hidden_post, counts, action_post, weights, scale)
-    obs, action_post, wout, step_weights, weights = map(_c, (obs, action_post, readout_weight, step_weights, weights))
+    action_post, wout, step_weights, weights = map(_c, (action_post, readout_weight, step_weights, weights))
     spikes = spikes.contiguous()
-    (R, N), (H, A) = obs.shape, wout.shape
     if spikes.dtype != torch.int16 or tuple(spikes.shape) != (R, H):
         raise ValueError(f"spikes must be int16 of shape {(R, H)}, got {spikes.dtype} {tuple(spikes.shape)}")
+    if record is not None:
+        obs, lists = None, [t.contiguous() for t in (record.inputs, record.values, record.counts)]
+    else:
+        obs, lists, B = _c(inputs), [None] * 3, 0
     out = {"input_weight": torch.empty(N, H), "hidden_bias": torch.empty(H), "readout_weight": torch.empty(H, A),
            "readout_bias": torch.empty(A)}
     _check(library().gsnn_rstdp_directions_from_spikes(
-        R, N, H, A, T, obs.data_ptr(), spikes.data_ptr(), wout.data_ptr(), step_weights.data_ptr(),
+        R, N, H, A, T, _ptr(obs), B, *map(_ptr, lists), spikes.data_ptr(), wout.data_ptr(), step_weights.data_ptr(),
         action_post.data_ptr(), weights.data_ptr(), scale,
         *(out[k].data_ptr() for k in ("input_weight", "hidden_bias", "readout_weight", "readout_bias"))))
     return out

@@ -368,9 +368,9 @@ class Organism:
     @torch.no_grad()
     def learn_act(self, obs: torch.Tensor) -> torch.Tensor:
         """Decide (sampling) and record what the learning rule needs of this decision in the
-        rollout (REINFORCE: the observation, starting state, logits and action; R-STDP: the
-        observation, action_post and, with the C kernels and T <= 15, each neuron's spikes as
-        bits, else its count and post factor)."""
+        rollout (REINFORCE: the observation, starting state, logits and action; R-STDP:
+        action_post and, with the C kernels and T <= 15, the observation's active inputs and each
+        neuron's spikes as bits, else the observation and each neuron's count and post factor)."""
         obs = self._flatten(obs)
         c, B = self.config, obs.shape[0]
         self._ensure_state(B)  # before the slots: a new batch size starts a new rollout
@@ -398,9 +398,13 @@ class Organism:
             stdp = None
         elif kernels.use_native(self.device) and c.snn_steps <= kernels.SPIKE_BITS_MAX_STEPS:
             # each neuron's spikes as bits (2 bytes), from which the update rebuilds its count and
-            # post factor (8 bytes otherwise): at H = 512 a world's decision records 2.8 KB instead
-            # of 5.8 KB (the observation's copy is 1.8 KB), written here and read back by the update
-            keep = ("obs", "spikes", "action_post")
+            # post factor (8 bytes otherwise), and the observation as its active inputs (about
+            # 90 bytes instead of its 1.8 KB copy): at H = 512 a world's decision records 1.1 KB
+            # instead of 5.8 KB, written here and read back by the update
+            keep = ("inputs", "spikes", "action_post")
+            del spec["obs"]
+            spec.update({name: ((B if name == "input_counts" else B * c.n_inputs,), dtype)
+                         for name, dtype in kernels.INPUT_RECORD.items()})
             spec.update(spikes=((B, H), torch.int16), action_post=((B, c.n_actions), f32))
             stdp = None
         else:
@@ -435,8 +439,9 @@ class Organism:
             )
         elif rollout.recorded("spikes"):
             # the readout weights are the decisions' own: they change only in _apply_gradients below
+            inputs = kernels.ActiveInputs(*(rollout.view(k) for k in kernels.INPUT_RECORD))
             grads = plasticity.rstdp_directions_from_spikes(
-                *(rollout.view(k) for k in ("obs", "spikes", "action_post")), adv, self.params["readout_weight"],
+                inputs, rollout.view("spikes"), rollout.view("action_post"), adv, self.params["readout_weight"],
                 self._stdp_weights,
             )
         else:

@@ -117,7 +117,7 @@ def rstdp_directions(
 
 
 def rstdp_directions_from_spikes(
-    observations: torch.Tensor,  # (L, B, N)
+    inputs: torch.Tensor | kernels.ActiveInputs,  # (L, B, N) observations, or the decisions' record of them
     spikes: torch.Tensor,  # (L, B, H) int16: each hidden neuron's spikes, bit t = SNN step t
     action_post: torch.Tensor,  # (L, B, A)
     adv: torch.Tensor,  # (L, B)
@@ -127,8 +127,10 @@ def rstdp_directions_from_spikes(
     """``rstdp_directions`` from the decisions' spike bits: the post factor (STDP factor times the
     readout feedback of the action taken) and the counts are rebuilt from the bits, as the
     decisions would have computed them (``gsnn.kernels.rstdp_directions_from_spikes``)."""
-    L, B, _ = observations.shape
+    L, B, _ = spikes.shape
     rows = L * B
     flat = lambda t: t.reshape(rows, -1)  # noqa: E731
-    return kernels.rstdp_directions_from_spikes(flat(observations), flat(spikes), flat(action_post), readout_weight,
+    if not isinstance(inputs, kernels.ActiveInputs):
+        inputs = flat(inputs)
+    return kernels.rstdp_directions_from_spikes(inputs, flat(spikes), flat(action_post), readout_weight,
                                                 step_weights, adv.reshape(rows), -1.0 / rows)

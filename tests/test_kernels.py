@@ -246,7 +246,7 @@ def test_a_kept_workspace_decides_as_a_fresh_one_whatever_tensors_change():
 
 def test_decide_refuses_an_unknown_output_to_keep(backend):
     g = torch.Generator().manual_seed(8)
-    with pytest.raises(ValueError, match="keep names one of obs, x, v0, i0, hidden_post, action_post, spikes, got 'counts'"):
+    with pytest.raises(ValueError, match="keep names one of obs, x, v0, i0, hidden_post, action_post, spikes, inputs, got 'counts'"):
         kernels.decide(sparse_observations(g, 4), random_params(g, H=64), lif_constants(OrganismConfig()),
                        torch.zeros(4, 64), torch.zeros(4, 64), 10, keep=("obs", "counts"))
 
@@ -294,22 +294,28 @@ def test_rstdp_directions_native_equal_torch():
 @pytest.mark.parametrize("H", [200, 64])  # with a partial block of neurons, and one full block
 def test_rstdp_directions_from_spike_bits_equal_those_from_post_factors(backend, H):
     """R-STDP's record as spike bits (1 int16 per neuron) instead of post factors and counts (2
-    floats): the same decisions, and from the bits the same directions, bit for bit on the C path
-    (within rounding on the torch twin, whose matrix products sum in another order)."""
+    floats), and as the active inputs instead of the observation: the same decisions, and from
+    the record the same directions, bit for bit on the C path (within rounding on the torch twin,
+    whose matrix products sum in another order)."""
     g = torch.Generator().manual_seed(12)
-    B, T, L = 24, 10, 12  # 288 decisions: a full chunk of the C update and part of another
+    B, T, L, N = 24, 10, 12, 450  # 288 decisions: a full chunk of the C update and part of another
     lif, params = lif_constants(OrganismConfig()), random_params(g, H=H)
     params["input_weight"] *= 4.0  # lively: most neurons fire at some steps
     weights = stdp_step_weights(0.8, T, 0.5)
     v, i = torch.zeros(B, H), torch.zeros(B, H)
     record = {name: [] for name in ("obs", "hidden_post", "counts", "action_post", "spikes")}
-    for _ in range(L):
+    # the active inputs written in place into a rollout's slots, as the organism keeps them
+    inputs = kernels.ActiveInputs(torch.full((L, B * N), -7, dtype=torch.int32), torch.full((L, B * N), 9.0),
+                                  torch.full((L, B), -7, dtype=torch.int32))
+    for step in range(L):
         obs, uniform = sparse_observations(g, B), torch.rand(B, generator=g)
         v_bits, i_bits = v.clone(), i.clone()
         floats = kernels.decide(obs, params, lif, v, i, T, choose="sample", uniform=uniform,
                                 keep=("obs", "hidden_post", "action_post"), stdp=kernels.STDPOptions(weights))
+        slot = {"inputs": inputs.inputs[step], "input_values": inputs.values[step], "input_counts": inputs.counts[step]}
         bits = kernels.decide(obs, params, lif, v_bits, i_bits, T, choose="sample", uniform=uniform,
-                              keep=("obs", "spikes", "action_post"))
+                              keep=("inputs", "spikes", "action_post"), out=slot)
+        assert bits.outputs["inputs"] is slot["inputs"]
         assert torch.equal(v, v_bits) and torch.equal(i, i_bits) and torch.equal(floats.actions, bits.actions)
         assert torch.equal(floats.outputs["action_post"], bits.outputs["action_post"])
         assert bits.outputs["spikes"].dtype == torch.int16
@@ -324,13 +330,61 @@ def test_rstdp_directions_from_spike_bits_equal_those_from_post_factors(backend,
     w, scale = torch.randn(B * L, generator=g), -1.0 / (B * L)
     expected = kernels.rstdp_directions(rows["obs"], rows["hidden_post"], rows["counts"], rows["action_post"], w,
                                         scale)
-    rebuilt = kernels.rstdp_directions_from_spikes(rows["obs"], rows["spikes"], rows["action_post"],
-                                                   params["readout_weight"], weights, w, scale)
-    for name, value in expected.items():
-        if backend == "native":
-            assert torch.equal(rebuilt[name], value), name
-        else:
-            torch.testing.assert_close(rebuilt[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(inputs.dense(N), rows["obs"])  # the record is the observations, exactly
+    assert int(inputs.counts[:, 0].max()) == 0 and bool((inputs.values[:, :40] == 0.5).any())
+    for source in (rows["obs"], inputs):
+        rebuilt = kernels.rstdp_directions_from_spikes(source, rows["spikes"], rows["action_post"],
+                                                       params["readout_weight"], weights, w, scale)
+        for name, value in expected.items():
+            if backend == "native":
+                assert torch.equal(rebuilt[name], value), name
+            else:
+                torch.testing.assert_close(rebuilt[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("B", [1, 300])  # one world; two chunks of the C decision's rows
+def test_decide_keeps_the_active_inputs_world_after_world(backend, B):
+    g = torch.Generator().manual_seed(14)
+    obs = sparse_observations(g, B)
+    decision = kernels.decide(obs, random_params(g, H=64), lif_constants(OrganismConfig()), torch.zeros(B, 64),
+                              torch.zeros(B, 64), 10, keep=("inputs",))
+    kept = decision.outputs
+    assert set(kept) == {"inputs", "input_values", "input_counts"}
+    rows, cols = torch.nonzero(obs, as_tuple=True)
+    assert torch.equal(kept["input_counts"], torch.bincount(rows, minlength=B).int())
+    assert torch.equal(kept["inputs"][: cols.numel()], cols.int())
+    assert torch.equal(kept["input_values"][: cols.numel()], obs[rows, cols])
+    with pytest.raises(ValueError, match="out\\['input_counts'\\] must be a contiguous torch.int32 tensor of at least"):
+        kernels.decide(obs, random_params(g, H=64), lif_constants(OrganismConfig()), torch.zeros(B, 64),
+                       torch.zeros(B, 64), 10, keep=("inputs",), out={"input_counts": torch.zeros(B, dtype=torch.int64)})
+
+
+def test_rstdp_directions_refuse_a_record_that_is_not_one():
+    """Counts and indices of an active-input record index the update's arrays: out-of-range ones
+    are refused (ValueError), never read or written beyond them."""
+    g = torch.Generator().manual_seed(15)
+    L, B, N, H, T = 2, 3, 450, 64, 4
+    obs = sparse_observations(g, L * B)
+    rows, cols = torch.nonzero(obs, as_tuple=True)
+    per_world = torch.bincount(rows, minlength=L * B).int().reshape(L, B)
+
+    def record():
+        inputs, values = torch.zeros(L, B * N, dtype=torch.int32), torch.zeros(L, B * N)
+        for slot in range(L):
+            mine = rows // B == slot
+            inputs[slot, : int(mine.sum())], values[slot, : int(mine.sum())] = cols[mine].int(), obs[rows, cols][mine]
+        return kernels.ActiveInputs(inputs, values, per_world.clone())
+
+    args = (torch.zeros(L * B, H, dtype=torch.int16), torch.randn(L * B, 4, generator=g), torch.randn(H, 4, generator=g),
+            stdp_step_weights(0.8, T, 0.5), torch.randn(L * B, generator=g), -1.0 / (L * B))
+    good = kernels.rstdp_directions_from_spikes(record(), *args)
+    assert torch.equal(good["input_weight"], kernels.rstdp_directions_from_spikes(obs, *args)["input_weight"])
+    too_many, beyond = record(), record()
+    too_many.counts[1, 2] = N + 1
+    beyond.inputs[0, 0] = N
+    for bad in (too_many, beyond):
+        with pytest.raises(ValueError, match="out of its range"):
+            kernels.rstdp_directions_from_spikes(bad, *args)
 
 
 def test_spike_bits_beyond_the_steps_are_ignored_not_read_beyond_the_table(backend):
