@@ -686,10 +686,22 @@ typedef struct {
 static inline void rebuild_row(const spike_record *s, int64_t H, int64_t A, int64_t r, int64_t h0, int64_t n,
                                const float *restrict post, float *restrict hp, float *restrict cnt) {
     float feedback[HBLOCK];
-    for (int64_t h = 0; h < n; h++) feedback[h] = 0.0f;
-    for (int64_t a = 0; a < A; a++) {
-        const float o = post[a], *wt = s->wout_t + a * H + h0;
-        for (int64_t h = 0; h < n; h++) feedback[h] += o * wt[h];
+    if (n == HBLOCK) { /* the block's sums in registers across the actions (through memory, each
+                        * action's pass waited on the previous one's stores) */
+        vf8 acc[HBLOCK / LANES];
+        for (int j = 0; j < HBLOCK / LANES; j++) acc[j] = splat8(0.0f);
+        for (int64_t a = 0; a < A; a++) {
+            const vf8 o = splat8(post[a]);
+            const float *wt = s->wout_t + a * H + h0;
+            for (int j = 0; j < HBLOCK / LANES; j++) acc[j] = acc[j] + o * load8(wt + j * LANES);
+        }
+        for (int j = 0; j < HBLOCK / LANES; j++) store8(feedback + j * LANES, acc[j]);
+    } else {
+        for (int64_t h = 0; h < n; h++) feedback[h] = 0.0f;
+        for (int64_t a = 0; a < A; a++) {
+            const float o = post[a], *wt = s->wout_t + a * H + h0;
+            for (int64_t h = 0; h < n; h++) feedback[h] += o * wt[h];
+        }
     }
     const int16_t *bits = s->spikes + r * H + h0;
     int64_t h = 0;
