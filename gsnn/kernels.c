@@ -890,19 +890,14 @@ int gsnn_rstdp_directions(int64_t R, int64_t N, int64_t H, int64_t A, const floa
 /* The active inputs of a rollout's decisions from their record (decide_args.inputs_out,
  * input_values_out, input_counts_out): R rows in slots of B, slot l's lists at inputs + l * B * N,
  * gathered compactly into a. Returns 0, -1 if out of memory, -2 if the record is not one (a count
- * beyond 0..N, a slot's total beyond B * N, an index beyond 0..N - 1), with nothing allocated. */
+ * beyond 0..N, an index beyond 0..N - 1), with nothing allocated. */
 static int record_rows(int64_t R, int64_t B, int64_t N, const int32_t *inputs, const float *values,
                        const int32_t *counts, active_rows *a) {
     if (B < 1 || R % B != 0) return -2;
-    int64_t total = 0;
-    for (int64_t l = 0; l < R / B; l++) {
-        int64_t slot = 0;
-        for (int64_t r = l * B; r < (l + 1) * B; r++) {
-            if (counts[r] < 0 || counts[r] > N) return -2;
-            slot += counts[r];
-        }
-        if (slot > B * N) return -2;
-        total += slot;
+    int64_t total = 0; /* each count within 0..N: a slot's B lists fit its B * N entries */
+    for (int64_t r = 0; r < R; r++) {
+        if (counts[r] < 0 || counts[r] > N) return -2;
+        total += counts[r];
     }
     a->start = malloc(sizeof(int64_t) * (size_t)(R + 1));
     a->cols = malloc(sizeof(int32_t) * (size_t)(total + 1));
