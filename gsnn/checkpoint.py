@@ -26,13 +26,6 @@ class CheckpointError(ValueError):
     """The file is not a complete, intact gsnn checkpoint."""
 
 
-def dumps(state: dict[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getvalue()
-    return _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
-
-
 def loads(blob: bytes, source: str = "checkpoint") -> dict[str, Any]:
     if len(blob) < _HEADER.size:
         raise CheckpointError(f"{source}: too short to be a gsnn checkpoint ({len(blob)} bytes)")

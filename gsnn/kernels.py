@@ -165,6 +165,20 @@ class ActiveInputs:
     values: torch.Tensor  # (L, B * N) float32
     counts: torch.Tensor  # (L, B) int32
 
+    @staticmethod
+    def outputs(out: dict, B: int, N: int, device) -> dict[str, torch.Tensor]:
+        """``decide``'s three outputs for B worlds of N inputs: those given in ``out`` (checked:
+        the C kernel writes through their pointers unchecked), the rest allocated."""
+        tensors = {}
+        for name, dtype in INPUT_RECORD.items():
+            size, tensor = B if name == "input_counts" else B * N, out.get(name)
+            if tensor is None:
+                tensor = torch.empty(size, dtype=dtype, device=device)
+            elif tensor.dtype != dtype or tensor.numel() < size or not tensor.is_contiguous():
+                raise ValueError(f"decide: out[{name!r}] must be a contiguous {dtype} tensor of at least {size} elements")
+            tensors[name] = tensor
+        return tensors
+
     def dense(self, n_inputs: int) -> torch.Tensor:
         """The (L * B, N) observations the lists were taken from."""
         L, B = self.counts.shape
@@ -215,12 +229,7 @@ def decide(
     shapes = {"counts": (B, H), "logits": (B, A), "obs": tuple(obs.shape), "x": (B, H), "v0": (B, H), "i0": (B, H),
               "hidden_post": (B, H), "action_post": (B, A), "spikes": (B, H)}
     if "inputs" in keep:
-        for name, dtype in INPUT_RECORD.items():
-            size = B if name == "input_counts" else obs.numel()
-            if name not in out:
-                out[name] = torch.empty(size, dtype=dtype, device=obs.device)
-            elif out[name].dtype != dtype or out[name].numel() < size or not out[name].is_contiguous():
-                raise ValueError(f"decide: out[{name!r}] must be a contiguous {dtype} tensor of at least {size} elements")
+        out.update(ActiveInputs.outputs(out, B, obs.shape[1], obs.device))
     for name in ("counts", "logits"):  # scratch unless asked for: reused from the workspace
         if name not in out:
             size = shapes[name][0] * shapes[name][1]
@@ -309,14 +318,7 @@ def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, r
     outputs = {}
     for name in keep:
         if name == "inputs":
-            for part, dtype in INPUT_RECORD.items():  # written through unchecked pointers: checked
-                size, tensor = B if part == "input_counts" else B * N, out.get(part)
-                if tensor is None:
-                    tensor = torch.empty(size, dtype=dtype)
-                elif tensor.dtype != dtype or tensor.numel() < size or not tensor.is_contiguous():
-                    raise ValueError(f"decide: out[{part!r}] must be a contiguous {dtype} tensor of at least "
-                                     f"{size} elements")
-                outputs[part] = tensor
+            outputs.update(ActiveInputs.outputs(out, B, N, obs.device))
             continue
         tensor = out.get(name)
         outputs[name] = tensor if tensor is not None else torch.empty(
