@@ -32,6 +32,7 @@ import numpy as np
 from gsnn.config import ConfigError
 from population import config as run_config
 from population import experiment_config as xc
+from population import worker_setup
 
 BUDGETS_HELP = "named budget from the config's budgets section: smoke (for the tests), quick (~10 min), default (~30-50 min on 2 cores)"
 
@@ -248,10 +249,10 @@ def main(argv=None) -> int:
 
     quiet_tune_logs()
     if args.address:
-        ray.init(address=args.address, log_to_driver=True)
+        ray.init(address=args.address, log_to_driver=True, runtime_env=worker_setup.runtime_env())
     else:
         ray.init(include_dashboard=False, _metrics_export_port=free_port(), _temp_dir=args.ray_temp_dir,
-                 log_to_driver=True)
+                 log_to_driver=True, runtime_env=worker_setup.runtime_env())
     say = lambda line: print(line, flush=True)  # noqa: E731
     runs: dict[str, list] = {arm: [None] * e.seeds for arm in arms}
     pbt_runs, failures = {}, []

@@ -20,6 +20,7 @@ import numpy as np
 
 from gsnn.config import ConfigError
 from population import config as run_config
+from population import worker_setup
 
 RESOLVED_CONFIG = "run_config.json"
 TUNE_DIR = "tune"
@@ -94,7 +95,7 @@ def start_ray(config: run_config.RunConfig, args):
     if args.address:
         import ray
 
-        return ray.init(address=args.address, log_to_driver=True)
+        return ray.init(address=args.address, log_to_driver=True, runtime_env=worker_setup.runtime_env())
     # The embedded default: a local instance with Ray's token auth (on by default for a new local
     # cluster in Ray 2.60), on loopback only when ray.loopback_only (see keep_ray_on_loopback).
     import ray
@@ -108,6 +109,8 @@ def start_ray(config: run_config.RunConfig, args):
         _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS},
         _temp_dir=args.ray_temp_dir,
         log_to_driver=True,
+        # Each worker defers the driver's parts of Tune (about 62 MB an actor).
+        runtime_env=worker_setup.runtime_env(),
     )
 
 

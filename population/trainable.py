@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from ray import tune
+from ray.tune.trainable import Trainable  # not `ray.tune`: see population/worker_setup.py
 
 from gsnn.config import OrganismConfig
 from gsnn.organism import Organism
@@ -38,7 +38,7 @@ def organism_settings(config: dict) -> dict:
     return settings
 
 
-class OrganismTrainable(tune.Trainable):
+class OrganismTrainable(Trainable):
     def setup(self, config: dict):
         quiet_tune_logs()
         run = config["run"]

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -256,19 +257,46 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert before == after
 
 
+def maps_pandas(pid: int) -> bool | None:
+    """Whether pandas' compiled core is mapped in process ``pid`` (None: the process is gone)."""
+    try:
+        return "/pandas/_libs/" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return None
+
+
 def test_a_killed_actor_is_restored_from_its_checkpoint(tmp_path):
     run = Run(tmp_path)
+    seen: dict[int, set] = {}  # organism actor PID -> whether pandas was mapped, each look
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.3):
+            for pid in [p for p in descendants(run.process.pid) if "Trainable" in cmdline(p)]:
+                if (mapped := maps_pandas(pid)) is not None:
+                    seen.setdefault(pid, set()).add(mapped)
+
     try:
         run.fresh()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         wait_for_generation(run, 1)
         actors = [p for p in descendants(run.process.pid) if "Trainable" in cmdline(p)]
         assert actors, "no organism actor found"
+        driver_has_pandas = maps_pandas(run.process.pid)
         os.kill(actors[0], signal.SIGKILL)
         code, out = run.wait()
     finally:
+        done.set()
         run.kill_everything()
     assert code == 0, out
     assert_complete(run.rows())
+    # Every organism actor, through PBT's exploits and the restore, ran without the driver's parts
+    # of Tune (population/worker_setup.py); the Tune driver has them. (A restored trial may run in
+    # a new process or in an actor Tune reuses.)
+    assert driver_has_pandas
+    assert len(seen) >= POP
+    assert all(looks == {False} for looks in seen.values()), seen
 
 
 def test_population_search_stays_open_until_every_trial_has_ended():
