@@ -30,6 +30,7 @@ Ray runs ``defer`` in each worker process at start-up (``runtime_env``'s
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import threading
@@ -55,6 +56,11 @@ class DeferredModule(types.ModuleType):
             return value
         return getattr(materialize(self), attr)
 
+    def __reduce__(self):
+        # Pickled by name, as cloudpickle pickles a real module (by reference): the unpickling
+        # process gets its own sys.modules entry (placeholder or real).
+        return importlib.import_module, (self.__name__,)
+
     def __repr__(self) -> str:
         state = "deferred" if sys.modules.get(self.__name__) is self else "loaded"
         return f"<module {self.__name__!r} ({state})>"
@@ -68,7 +74,7 @@ def _sources(placeholder: DeferredModule) -> dict[str, str]:
         import ast
 
         cached = {}
-        tree = ast.parse(Path(placeholder.__file__).read_text())
+        tree = ast.parse(Path(placeholder.__file__).read_bytes())
         for node in tree.body:
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 for alias in node.names:
@@ -78,25 +84,66 @@ def _sources(placeholder: DeferredModule) -> dict[str, str]:
 
 
 def materialize(placeholder: DeferredModule) -> types.ModuleType:
-    """Runs ``placeholder``'s real package (once) and returns it. The submodules imported under
-    the placeholder stay what they are; the real package gets them as attributes."""
+    """Runs ``placeholder``'s real package (once) and returns it. importlib's own per-module lock
+    serialises concurrent callers (and detects import cycles between threads); no lock of ours is
+    held while the package runs."""
     name = placeholder.__name__
     with _lock:
-        real = sys.modules.get(name)
-        if real is placeholder or real is None:
-            sys.modules.pop(name, None)
-            try:
-                real = importlib.import_module(name)
-            except BaseException:
-                sys.modules[name] = placeholder
-                raise
-            for key, value in vars(placeholder).items():
-                if isinstance(value, types.ModuleType) and not hasattr(real, key):
-                    setattr(real, key, value)
-            parent, _, child = name.rpartition(".")
-            if parent and getattr(sys.modules.get(parent), child, None) is placeholder:
-                setattr(sys.modules[parent], child, real)
+        if sys.modules.get(name) is placeholder:
+            del sys.modules[name]
+    try:
+        real = importlib.import_module(name)  # waits for another thread's import of it to finish
+    except BaseException:
+        with _lock:
+            sys.modules.setdefault(name, placeholder)
+        raise
+    with _lock:
+        # Every submodule already imported is an attribute of the real package: those imported
+        # under the placeholder, and those a failed earlier attempt imported (their parent
+        # attribute went to that attempt's discarded module object).
+        prefix = name + "."
+        for key, value in list(sys.modules.items()):
+            child = key[len(prefix):] if key.startswith(prefix) else ""
+            if child and "." not in child and isinstance(value, types.ModuleType) and child not in vars(real):
+                setattr(real, child, value)
+        parent, _, child = name.rpartition(".")
+        if parent and getattr(sys.modules.get(parent), child, None) is placeholder:
+            setattr(sys.modules[parent], child, real)
     return real
+
+
+class _PackageFirst:
+    """Meta-path finder: a submodule of a placeholder that lends no names (pandas, ray.data) is
+    imported only after its package's ``__init__`` has run (pandas' compiled modules need it:
+    ``from pandas.api.types import ...`` under the placeholder broke pandas for the process).
+    ``create_module`` runs the package, then the submodule as usual, and hands that module back;
+    ``exec_module`` gives it back its own spec, which importlib replaced with this finder's."""
+
+    @staticmethod
+    def _package(name: str) -> str | None:
+        for package, by_name in DEFERRED.items():
+            if not by_name and name.startswith(package + ".") and type(sys.modules.get(package)) is DeferredModule:
+                return package
+        return None
+
+    def find_spec(self, name, path=None, target=None):
+        if self._package(name) is None:
+            return None
+        return importlib.machinery.ModuleSpec(name, self)
+
+    def create_module(self, spec):
+        package = self._package(spec.name)
+        if package is not None:
+            materialize(sys.modules[package])
+        module = importlib.import_module(spec.name)
+        spec.loader_state = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = module.__spec__.loader_state
+
+
+_package_first = _PackageFirst()
 
 
 def defer(names=tuple(DEFERRED)) -> list[str]:
@@ -121,6 +168,8 @@ def defer(names=tuple(DEFERRED)) -> list[str]:
             if parent:
                 setattr(sys.modules[parent], child, placeholder)
             deferred.append(name)
+        if deferred and _package_first not in sys.meta_path:
+            sys.meta_path.insert(0, _package_first)
     return deferred
 
 

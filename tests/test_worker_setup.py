@@ -77,3 +77,56 @@ def test_nothing_already_imported_is_deferred():
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+def test_a_submodule_of_a_deferred_package_imports_after_its_package():
+    """pandas' compiled modules need pandas/__init__.py to have run: a submodule imported while
+    pandas is deferred runs the package first, and keeps its own spec."""
+    out = run_python("""
+        import sys
+        from population import worker_setup
+        worker_setup.defer()
+        from pandas.api.types import is_numeric_dtype
+        import pandas, pandas.api.types
+        assert type(sys.modules["pandas"]) is not worker_setup.DeferredModule
+        assert pandas.api.types.is_numeric_dtype is is_numeric_dtype
+        for module in (pandas.api, pandas.api.types):
+            assert module.__spec__.origin == module.__file__ and module.__spec__.name == module.__name__
+        assert is_numeric_dtype(pandas.Series([1.5]))
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_a_deferred_package_pickles_by_name_and_a_failed_load_can_be_retried():
+    out = run_python("""
+        import importlib.abc, sys
+        from population import worker_setup
+        worker_setup.defer()
+        import population.trainable
+        import pandas, ray, ray.cloudpickle as cloudpickle
+        # Ray pickles functions with cloudpickle, which pickles a module by name: a placeholder too.
+        uses_pandas = lambda: pandas
+        assert cloudpickle.loads(cloudpickle.dumps(uses_pandas))() is sys.modules["pandas"]
+        assert type(sys.modules["pandas"]) is worker_setup.DeferredModule
+        # Loading all of ray.tune fails halfway; the placeholder stays, and a retry loads it whole.
+        placeholder = sys.modules["ray.tune"]
+
+        class Fail(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "ray.tune.tuner":
+                    raise ImportError("injected")
+
+        sys.meta_path.insert(0, Fail())
+        try:
+            placeholder.__all__
+            raise AssertionError("the injected failure did not happen")
+        except ImportError as e:
+            assert "injected" in str(e)
+        assert sys.modules["ray.tune"] is placeholder
+        sys.meta_path.pop(0)
+        assert "Tuner" in placeholder.__all__
+        assert ray.tune.schedulers is sys.modules["ray.tune.schedulers"]
+        print("ok")
+    """)
+    assert out.strip() == "ok"
