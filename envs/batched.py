@@ -39,6 +39,7 @@ class StepResult:
     done: torch.Tensor  # (B,) bool: the episode ended at this step (the world has been reset)
     food_eaten: torch.Tensor  # (B,) bool: food eaten at this step
     episode_food: torch.Tensor  # (B,) int64: food of the episode that ended (0 where done is False)
+    finished: int  # how many worlds' episodes ended at this step (done's count, known without a sync)
 
 
 class BatchedForagingGrid:
@@ -159,9 +160,10 @@ class BatchedForagingGrid:
         self.steps += 1
         done = self.steps >= self.max_steps
         finished_food = torch.where(done, self.episode_food, torch.zeros_like(self.episode_food))
-        if bool(done.any()):
+        finished = int(done.sum())
+        if finished:
             self._reset_worlds(done)
-        return StepResult(self.observe(), reward, done, eaten, finished_food)
+        return StepResult(self.observe(), reward, done, eaten, finished_food, finished)
 
     def _step_native(self, library, actions: torch.Tensor, draws: torch.Tensor) -> StepResult:
         B = self.num_worlds
@@ -182,7 +184,7 @@ class BatchedForagingGrid:
             raise ValueError(f"spawn_draws must lie in [0, 2**{rules.SPAWN_DRAW_BITS})")
         if n_done.value:
             self._reset_worlds(done)
-        return StepResult(self.observe(), reward, done, eaten, finished_food)
+        return StepResult(self.observe(), reward, done, eaten, finished_food, n_done.value)
 
     def observe(self) -> torch.Tensor:
         B, S = self.num_worlds, self.size

@@ -46,7 +46,7 @@ def live(organism: Organism, env: BatchedForagingGrid, decision_steps: int, obs:
         actions = organism.learn_act(obs)
         result = env.step(actions)
         organism.learn_feedback(result.reward, result.done)
-        if bool(result.done.any()):
+        if result.finished:
             finished.extend(result.episode_food[result.done].tolist())
         obs = result.observation
     organism.finish_rollout()

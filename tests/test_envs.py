@@ -540,11 +540,12 @@ def test_batched_auto_reset_only_touches_finished_worlds(backend):
     foods[:, 10, 10] = True
     env.set_state(agents, foods, steps=torch.tensor([4, 0, 4, 0]))
     result = env.step(torch.tensor([3, 3, 3, 3]), spawn_draws=torch.zeros(B, dtype=torch.long))
-    assert result.done.tolist() == [True, False, True, False]
+    assert result.done.tolist() == [True, False, True, False] and result.finished == 2
     assert env.steps.tolist() == [0, 1, 0, 1]
     assert env.agent[1].tolist() == [2, 3] and env.agent[3].tolist() == [4, 5]
     assert torch.equal(env.food[1], foods[1]) and torch.equal(env.food[3], foods[3])
     assert int(env.food[0].sum()) == N_FOOD and int(env.food[2].sum()) == N_FOOD
+    assert env.step(torch.tensor([3, 3, 3, 3])).finished == 0
 
 
 # -- 6. seasons ---------------------------------------------------------------------------------
