@@ -109,7 +109,7 @@ def start_ray(config: run_config.RunConfig, args):
         _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS},
         _temp_dir=args.ray_temp_dir,
         log_to_driver=True,
-        # Each worker defers the driver's parts of Tune (about 62 MB an actor).
+        # Each worker defers the driver's parts of Tune (about 60 MB an actor).
         runtime_env=worker_setup.runtime_env(),
     )
 

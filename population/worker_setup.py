@@ -23,7 +23,8 @@ attribute lookup is answered from the real modules, complete, so nothing is lost
   all of Tune in every exploited actor. Any other name runs the real package.
 
 Ray runs ``defer`` in each worker process at start-up (``runtime_env``'s
-``worker_process_setup_hook``, set by ``population.run``); the driver keeps ordinary imports.
+``worker_process_setup_hook``, set by ``population.run`` and ``population.experiment``); the
+driver keeps ordinary imports.
 """
 
 
