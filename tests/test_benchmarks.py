@@ -84,6 +84,29 @@ def test_cli_writes_json(report, tmp_path, monkeypatch, capsys):
     assert "organism_learning" in capsys.readouterr().out
 
 
+def test_learning_cli_measures_the_sizes_asked_for_each_time(tmp_path, capsys):
+    from benchmarks.learning import main as learning_main
+
+    out = tmp_path / "learning.json"
+    assert learning_main(["--hidden", "32", "--batch", "4", "--rule", "rstdp", "--repeats", "2",
+                          "--repeat-seconds", "0.01", "--times", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["organism_learning"]
+    assert [(r["hidden"], r["batch"], list(r["rules"])) for r in rows] == [(32, 4, ["rstdp"])] * 2
+    for row in rows:
+        assert positive(row["eval_full_loop"]) and positive(row["rules"]["rstdp"]["decisions_per_s"])
+        assert row["rules"]["rstdp"]["learning_over_eval"] > 0 and row["rules"]["rstdp"]["updates"] >= 1
+    assert capsys.readouterr().out.count("H=32 B=4: learning/eval rstdp ") == 2
+
+
+def test_learning_cli_refuses_a_bad_size_in_one_line(capsys):
+    from benchmarks.learning import main as learning_main
+
+    with pytest.raises(SystemExit) as exit_:
+        learning_main(["--batch", "0"])
+    assert exit_.value.code == 2
+    assert "argument --batch: must be at least 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setting, message", [
     ("organism.bogus=3", "--set organism.bogus: no such organism setting"),
     ("organism.init_hidden=1024", "init_hidden: must lie in [min_hidden, max_hidden] = [32, 256], got 1024"),
