@@ -47,6 +47,7 @@ class PBTSettings:
 
 @dataclasses.dataclass
 class RaySettings:
+    dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = bounded(8265, int, 1024, 65535)
     metrics_export_port: int = bounded(8090, int, 1024, 65535)
@@ -192,6 +193,8 @@ def build_section(section: str, cls, raw) -> Any:
 
 
 def _check_ray(ray: RaySettings) -> None:
+    if not isinstance(ray.dashboard, bool):
+        raise ConfigError(f"ray.dashboard: must be true or false, got {ray.dashboard!r}")
     if ray.dashboard_host == "":
         raise ConfigError("ray.dashboard_host: must be a host address such as 127.0.0.1")
     if not isinstance(ray.loopback_only, bool):

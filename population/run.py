@@ -101,7 +101,8 @@ def start_ray(config: run_config.RunConfig, args):
     import ray
 
     return ray.init(
-        include_dashboard=True,
+        # Without it the exporter still serves every metric (it lives in Ray's per-node agent).
+        include_dashboard=config.ray.dashboard,
         dashboard_host=config.ray.dashboard_host,
         dashboard_port=config.ray.dashboard_port,
         _node_ip_address="127.0.0.1" if config.ray.loopback_only else None,
@@ -124,8 +125,10 @@ def check_ports_free(config: run_config.RunConfig, args) -> None:
 
     # The metrics exporter listens on every interface unless ray.loopback_only keeps it on 127.0.0.1.
     metrics_host = "127.0.0.1" if config.ray.loopback_only else "0.0.0.0"
-    for key, host, port in (("dashboard_port", config.ray.dashboard_host, config.ray.dashboard_port),
-                            ("metrics_export_port", metrics_host, config.ray.metrics_export_port)):
+    ports = [("metrics_export_port", metrics_host, config.ray.metrics_export_port)]
+    if config.ray.dashboard:
+        ports.insert(0, ("dashboard_port", config.ray.dashboard_host, config.ray.dashboard_port))
+    for key, host, port in ports:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
             # As the servers themselves bind: a port left in TIME_WAIT by a finished run is free.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -154,6 +157,8 @@ def keep_ray_on_loopback(config: run_config.RunConfig, args) -> None:
 
 def print_endpoints(config: run_config.RunConfig, args, context) -> None:
     dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "not running"
+    if not args.address and not config.ray.dashboard:
+        dashboard = "off (ray.dashboard: false)"
     if args.address:
         print(f"Ray cluster: {args.address}  dashboard: {dashboard}", flush=True)
     else:

@@ -185,6 +185,7 @@ def test_config_errors_are_one_line_before_ray_starts(tmp_path):
         (["--set", "pbt.mutations.min_hidden={choice: [128]}"],
          "error: pbt.mutations.min_hidden: value 128 makes an invalid organism (init_hidden: must lie in"),
         (["--set", "organism.learning_rate=2.0"], "error: organism.learning_rate: must be a number in [1e-07, 1.0], got 2.0"),
+        (["--set", "ray.dashboard=maybe"], "error: ray.dashboard: must be true or false, got 'maybe'"),
     ]
     for args, expected in cases:
         start = time.time()
@@ -219,6 +220,42 @@ def test_a_busy_port_is_one_line_before_ray_starts(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"error: ray.{key}: {host}:{port} is not free"), lines
         assert f"--set ray.{key}=PORT" in lines[0]
         assert not output.exists() and "Ray dashboard" not in out.stdout
+
+
+def test_without_the_dashboard_every_metric_is_still_exported(tmp_path):
+    """ray.dashboard: false starts the local instance without Ray's dashboard (its processes
+    share the organisms' cores): nothing listens on the dashboard port, the run says so, and
+    the exporter that Prometheus scrapes still serves every organism's series."""
+    import re
+    import urllib.request
+
+    metrics_port, dashboard_port = free_port(), free_port()
+    run = Run(tmp_path)
+    trials, dashboard_listening = set(), None
+    try:
+        run.start("--pop", "2", "--generations", "2", "--output", str(run.run_dir),
+                  "--set", f"ray.metrics_export_port={metrics_port}", "--set", f"ray.dashboard_port={dashboard_port}",
+                  *TINY, "--set", "ray.dashboard=false",
+                  # one metrics report (every 10 s) after the last generation
+                  "--set", "ray.metrics_linger_seconds=15")
+        deadline = time.time() + 180
+        while time.time() < deadline and run.process.poll() is None and len(trials) < 2:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            except OSError:  # the exporter is not up yet
+                text = ""
+            trials = set(re.findall(r'^ray_gsnn_fitness\{[^}]*trial_id="([^"]+)"', text, re.MULTILINE))
+            if trials:
+                with socket.socket() as probe:
+                    dashboard_listening = probe.connect_ex(("127.0.0.1", dashboard_port)) == 0
+            time.sleep(1)
+        code, out = run.wait()
+    finally:
+        run.kill_everything()
+    assert code == 0, out
+    assert "Ray dashboard: off (ray.dashboard: false)" in out
+    assert len(trials) == 2, out
+    assert dashboard_listening is False
 
 
 def wait_for_generation(run: Run, generation: int, timeout=180):
