@@ -1,7 +1,7 @@
 """Population throughput through Ray and Tune against the same organisms run one after another.
 
 ``python -m benchmarks.population [--pop N] [--generations G] [--episodes E] [--json PATH]
-[--set SECTION.KEY=VALUE ...]`` (defaults: 8 organisms of 256 neurons, 12 generations; about 4
+[--set SECTION.KEY=VALUE ...]`` (defaults: 8 organisms of 256 neurons, 12 generations; about 7
 minutes on the 2-core development machine). ``--set organism.KEY=VALUE`` changes the organisms on
 every side (for example ``organism.init_hidden=1024 organism.max_hidden=1024``); other sections
 only the Ray run's configuration.
@@ -9,13 +9,15 @@ only the Ray run's configuration.
 Both sides do the same work per organism and generation: learn ``episodes_per_generation``
 episodes in ``worlds`` worlds, then evaluate on ``eval_worlds`` worlds (what
 ``population.trainable.OrganismTrainable.step`` does); the defaults are tune_configs/default.yaml's.
-The sequential side runs it in this process on one core, half of the organisms before the
-population side and half after it (this machine's speed drifts over minutes; bracketing weighs the
-drift on both sides alike); the population side is a real ``population.run`` (local Ray, Tune,
-PBT, checkpoints, the CSV and metrics callbacks), timed from the first to the last generation
-result so Ray's start-up is not counted; every generation an organism computed counts, those it
-computed again after PBT handed it a checkpoint from behind its own generation included (the
-run's replayed_generations.csv). Speed-up = population decisions/s over sequential
+The population side is a real ``population.run`` (local Ray, Tune, PBT, checkpoints, the CSV
+and metrics callbacks, the dashboard), run a second time without Ray's dashboard
+(``ray.dashboard: false``; not when ``--set`` chooses it). The sequential side runs the organisms
+in this process on one core, half of them before each Ray run and the other half after it (the
+halves alternate), so each Ray run is compared with all the organisms run right around it (this
+machine's speed drifts by 10% within minutes; the bracket weighs the drift on both sides alike). Each Ray run is timed from
+the first to the last generation result so Ray's start-up is not counted; every generation an
+organism computed counts, those it computed again after PBT handed it a checkpoint from behind its
+own generation included (the run's replayed_generations.csv). Speed-up = population decisions/s over sequential
 decisions/s; ideal = min(pop, cores). Target (issues 3 and 6): at least 85% of the ideal speed-up.
 Beside them, the machine's own ceiling: the same organisms split over one plain process per core
 (no Ray), started together once they have imported torch.
@@ -234,27 +236,51 @@ def main(argv=None) -> int:
         OrganismConfig(**{**FIXED_SIZE, **overrides})  # checked on construction
     except ValueError as error:
         parser.error(f"--set organism.*: {error}")
+    if args.pop < 2:
+        parser.error(f"--pop: must be at least 2 (half of the organisms run on each side of a Ray run), got {args.pop}")
     cores = os.cpu_count() or 1
     work = (args.pop, args.generations, args.worlds, args.episodes, args.eval_worlds)
-    # The sequential side runs half of the organisms before the population run and the rest after
-    # it, so a machine whose speed drifts over minutes (a shared host) weighs on both sides alike.
-    half = args.pop // 2
-    print(f"sequential: organisms 0-{half - 1} of {args.pop}, {args.generations} generations, one process ...",
-          file=sys.stderr)
-    before = sequential(*work, overrides=overrides, organisms=range(half))
-    print(f"population.run: all {args.pop} through Ray and Tune on {cores} cores ...", file=sys.stderr)
-    ray_side = through_ray(*work, extra=tuple(args.set))
-    print(f"sequential: organisms {half}-{args.pop - 1} ...", file=sys.stderr)
-    after = sequential(*work, overrides=overrides, organisms=range(half, args.pop))
+    # The Ray runs: as population.run runs by default (with Ray's dashboard), then again without
+    # the dashboard (ray.dashboard: false; its processes share the organisms' cores), unless --set
+    # chose one.
+    runs = [("population", tuple(args.set))]
+    if not any(item.startswith("ray.dashboard=") for item in args.set):
+        runs.append(("population_without_dashboard", (*args.set, "ray.dashboard=false")))
+    # The sequential side runs half of the organisms before each Ray run and the other half after
+    # it (the halves alternate: first, second, first, ...), so each Ray run is compared with all
+    # the organisms, run right around it: a machine whose speed drifts over minutes (a shared
+    # host) weighs on both sides alike.
+    halves = (range(0, args.pop // 2), range(args.pop // 2, args.pop))
+    parts, measured = [], {}
+
+    def run_part(k: int) -> None:
+        organisms = halves[k % 2]
+        print(f"sequential: organisms {organisms.start}-{organisms.stop - 1} of {args.pop}, "
+              f"{args.generations} generations, one process ...", file=sys.stderr)
+        parts.append({**sequential(*work, overrides=overrides, organisms=organisms), "organisms": len(organisms)})
+
+    run_part(0)
+    for k, (key, extra) in enumerate(runs):
+        print(f"population.run: all {args.pop} through Ray and Tune on {cores} cores"
+              f"{' without the dashboard' if 'ray.dashboard=false' in extra else ''} ...", file=sys.stderr)
+        measured[key] = through_ray(*work, extra=extra)
+        run_part(k + 1)
     ideal = min(args.pop, cores)
     print(f"plain processes: all {args.pop} in {ideal} processes without Ray ...", file=sys.stderr)
     plain = plain_processes(*work, processes=ideal, overrides=overrides)
-    seconds = before["seconds"] + after["seconds"]
-    decisions = before["decisions"] + after["decisions"]
-    seq = {"seconds": seconds, "decisions": decisions, "decisions_per_second": decisions / seconds,
-           "before": before, "after": after}
-    speedup = ray_side["decisions_per_second"] / seq["decisions_per_second"]
-    plain_speedup = plain["decisions_per_second"] / seq["decisions_per_second"]
+
+    def combined(chosen: list[dict]) -> dict:
+        seconds = sum(p["seconds"] for p in chosen)
+        decisions = sum(p["decisions"] for p in chosen)
+        return {"seconds": seconds, "decisions": decisions, "decisions_per_second": decisions / seconds,
+                "organisms": sum(p["organisms"] for p in chosen)}
+
+    seq = {**combined(parts), "parts": parts}
+    ray_side = measured["population"]
+    first = combined(parts[0:2])  # the parts around the default run
+    speedup = ray_side["decisions_per_second"] / first["decisions_per_second"]
+    # The plain processes run last: against the last two parts (all the organisms, the latest).
+    plain_speedup = plain["decisions_per_second"] / combined(parts[-2:])["decisions_per_second"]
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "cores": cores,
@@ -262,6 +288,7 @@ def main(argv=None) -> int:
         "settings": dict(zip(("pop", "generations", "worlds", "episodes", "eval_worlds"), work), extra=args.set),
         "sequential": seq,
         "population": ray_side,
+        "sequential_around_population": first,
         "speedup": speedup,
         "ideal_speedup": ideal,
         "fraction_of_ideal": speedup / ideal,
@@ -269,16 +296,24 @@ def main(argv=None) -> int:
         # The machine's own ceiling, without Ray: plain processes, one per core.
         "plain_processes": plain,
         "plain_fraction_of_ideal": plain_speedup / ideal,
-        "population_over_plain": ray_side["decisions_per_second"] / plain["decisions_per_second"],
         # The same generation's compute takes this much more CPU in the population than in one
         # process (preempted by Ray's threads and the other actors, cache refills, alternation).
         "compute_cpu_over_sequential": ray_side["compute_cpu_seconds_per_generation"]
-        / (seq["seconds"] / (args.pop * args.generations)),
+        / (first["seconds"] / (first["organisms"] * args.generations)),
     }
+    without_dashboard = measured.get("population_without_dashboard")
+    if without_dashboard is not None:
+        around = combined(parts[1:3])
+        report["population_without_dashboard"] = without_dashboard
+        report["sequential_around_population_without_dashboard"] = around
+        report["fraction_of_ideal_without_dashboard"] = (
+            without_dashboard["decisions_per_second"] / around["decisions_per_second"] / ideal)
+    without = ("" if without_dashboard is None else
+               f"; without the dashboard {100 * report['fraction_of_ideal_without_dashboard']:.0f}%")
     print(
-        f"sequential {seq['decisions_per_second']:,.0f} decisions/s | population "
+        f"sequential {first['decisions_per_second']:,.0f} decisions/s | population "
         f"{ray_side['decisions_per_second']:,.0f} decisions/s | speed-up {speedup:.2f} of ideal {ideal} "
-        f"({100 * speedup / ideal:.0f}%; plain processes {100 * plain_speedup / ideal:.0f}%) | non-organism share of a generation {100 * ray_side['non_organism_share_median']:.1f}% "
+        f"({100 * speedup / ideal:.0f}%{without}; plain processes {100 * plain_speedup / ideal:.0f}%) | non-organism share of a generation {100 * ray_side['non_organism_share_median']:.1f}% "
         f"| CPU share of organism compute {ray_side['compute_cpu_share']:.2f} "
         f"| {ray_side['actor_processes']} actor processes, {ray_side['exploits']} exploits "
         f"| actor RSS peak {ray_side['actor_rss_peak_bytes'] / 2**20:.0f} MiB"
