@@ -14,7 +14,8 @@ and metrics callbacks, the dashboard), run a second time without Ray's dashboard
 (``ray.dashboard: false``; not when ``--set`` chooses it). The sequential side runs the organisms
 in this process on one core, half of them before each Ray run and the other half after it (the
 halves alternate), so each Ray run is compared with all the organisms run right around it (this
-machine's speed drifts by 10% within minutes; the bracket weighs the drift on both sides alike). Each Ray run is timed from
+machine's speed drifts by 10% and more within minutes; the bracket weighs the drift on both sides
+alike, exactly so with an even ``--pop``). Each Ray run is timed from
 the first to the last generation result so Ray's start-up is not counted; every generation an
 organism computed counts, those it computed again after PBT handed it a checkpoint from behind its
 own generation included (the run's replayed_generations.csv). Speed-up = population decisions/s over sequential
@@ -261,8 +262,8 @@ def main(argv=None) -> int:
 
     run_part(0)
     for k, (key, extra) in enumerate(runs):
-        print(f"population.run: all {args.pop} through Ray and Tune on {cores} cores"
-              f"{' without the dashboard' if 'ray.dashboard=false' in extra else ''} ...", file=sys.stderr)
+        label = " without the dashboard" if key == "population_without_dashboard" else ""
+        print(f"population.run: all {args.pop} through Ray and Tune on {cores} cores{label} ...", file=sys.stderr)
         measured[key] = through_ray(*work, extra=extra)
         run_part(k + 1)
     ideal = min(args.pop, cores)
@@ -275,18 +276,19 @@ def main(argv=None) -> int:
         return {"seconds": seconds, "decisions": decisions, "decisions_per_second": decisions / seconds,
                 "organisms": sum(p["organisms"] for p in chosen)}
 
-    seq = {**combined(parts), "parts": parts}
     ray_side = measured["population"]
     first = combined(parts[0:2])  # the parts around the default run
     speedup = ray_side["decisions_per_second"] / first["decisions_per_second"]
-    # The plain processes run last: against the last two parts (all the organisms, the latest).
+    # The plain processes run last, after every part (not bracketed): against the last two parts,
+    # all the organisms, the nearest in time.
     plain_speedup = plain["decisions_per_second"] / combined(parts[-2:])["decisions_per_second"]
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "cores": cores,
         "torch": torch.__version__,
         "settings": dict(zip(("pop", "generations", "worlds", "episodes", "eval_worlds"), work), extra=args.set),
-        "sequential": seq,
+        # Each part's organisms, seconds and decisions, in the order run.
+        "sequential_parts": parts,
         "population": ray_side,
         "sequential_around_population": first,
         "speedup": speedup,
@@ -296,6 +298,7 @@ def main(argv=None) -> int:
         # The machine's own ceiling, without Ray: plain processes, one per core.
         "plain_processes": plain,
         "plain_fraction_of_ideal": plain_speedup / ideal,
+        "population_over_plain": ray_side["decisions_per_second"] / plain["decisions_per_second"],
         # The same generation's compute takes this much more CPU in the population than in one
         # process (preempted by Ray's threads and the other actors, cache refills, alternation).
         "compute_cpu_over_sequential": ray_side["compute_cpu_seconds_per_generation"]

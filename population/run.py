@@ -104,7 +104,8 @@ def start_ray(config: run_config.RunConfig, args):
         # Without it the exporter still serves every metric (it lives in Ray's per-node agent).
         include_dashboard=config.ray.dashboard,
         dashboard_host=config.ray.dashboard_host,
-        dashboard_port=config.ray.dashboard_port,
+        # Without the dashboard, no port: Ray test-binds a port it is given even then.
+        dashboard_port=config.ray.dashboard_port if config.ray.dashboard else None,
         _node_ip_address="127.0.0.1" if config.ray.loopback_only else None,
         _metrics_export_port=config.ray.metrics_export_port,
         _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS},
@@ -116,8 +117,9 @@ def start_ray(config: run_config.RunConfig, args):
 
 
 def check_ports_free(config: run_config.RunConfig, args) -> None:
-    """The local instance's dashboard and metrics ports must be free before Ray starts: Ray
-    itself fails on a busy dashboard port with a long traceback, after starting its servers.
+    """The local instance's metrics port, and its dashboard port when ray.dashboard is on, must
+    be free before Ray starts: Ray itself fails on a busy dashboard port with a long traceback,
+    after starting its servers.
     A finished run keeps both for ``ray.metrics_linger_seconds``. Raises ConfigError."""
     if args.address:
         return

@@ -123,6 +123,17 @@ def test_population_benchmark_refuses_a_bad_organism_setting_before_running(sett
     assert message in err and "sequential:" not in err
 
 
+def test_population_benchmark_refuses_a_population_too_small_to_split(capsys):
+    """Half of the organisms run on each side of every Ray run: --pop 1 is one line, exit 2."""
+    from benchmarks import population
+
+    with pytest.raises(SystemExit) as stop:
+        population.main(["--pop", "1", "--generations", "1"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--pop: must be at least 2" in err and "sequential:" not in err
+
+
 def test_resident_reads_the_rss_and_its_peak_of_live_processes_only():
     """benchmarks.run_memory.resident: a child that touched 200 MB and gave it back shows the
     200 MB in its peak and not in its RSS; a finished process is left out."""

@@ -222,16 +222,18 @@ def test_a_busy_port_is_one_line_before_ray_starts(tmp_path):
         assert not output.exists() and "Ray dashboard" not in out.stdout
 
 
-def test_without_the_dashboard_every_metric_is_still_exported(tmp_path):
+def test_without_the_dashboard_the_organisms_metrics_are_still_exported(tmp_path):
     """ray.dashboard: false starts the local instance without Ray's dashboard (its processes
     share the organisms' cores): nothing listens on the dashboard port, the run says so, and
-    the exporter that Prometheus scrapes still serves every organism's series."""
+    the exporter that Prometheus scrapes still serves every organism gauge for every organism."""
     import re
     import urllib.request
 
+    from population.metrics import ORGANISM_GAUGES
+
     metrics_port, dashboard_port = free_port(), free_port()
     run = Run(tmp_path)
-    trials, dashboard_listening = set(), None
+    trials, dashboard_listening, text = set(), None, ""
     try:
         run.start("--pop", "2", "--generations", "2", "--output", str(run.run_dir),
                   "--set", f"ray.metrics_export_port={metrics_port}", "--set", f"ray.dashboard_port={dashboard_port}",
@@ -255,6 +257,8 @@ def test_without_the_dashboard_every_metric_is_still_exported(tmp_path):
     assert code == 0, out
     assert "Ray dashboard: off (ray.dashboard: false)" in out
     assert len(trials) == 2, out
+    for name in ORGANISM_GAUGES:
+        assert set(re.findall(rf'^ray_{name}\{{[^}}]*trial_id="([^"]+)"', text, re.MULTILINE)) == trials, name
     assert dashboard_listening is False
 
 
