@@ -15,10 +15,10 @@ and metrics callbacks, the dashboard), run a second time without Ray's dashboard
 in this process on one core, half of them before each Ray run and the other half after it (the
 halves alternate), so each Ray run is compared with all the organisms run right around it (this
 machine's speed drifts by 10% and more within minutes; the bracket weighs the drift on both sides
-alike, exactly so with an even ``--pop``). Each Ray run is timed from
-the first to the last generation result so Ray's start-up is not counted; every generation an
-organism computed counts, those it computed again after PBT handed it a checkpoint from behind its
-own generation included (the run's replayed_generations.csv). Speed-up = population decisions/s over sequential
+alike, exactly so with an even ``--pop``). Each Ray run is timed from the first to the last
+generation result so Ray's start-up is not counted; every generation an organism computed counts,
+those it computed again after PBT handed it a checkpoint from behind its own generation included
+(the run's replayed_generations.csv). Speed-up = population decisions/s over sequential
 decisions/s; ideal = min(pop, cores). Target (issues 3 and 6): at least 85% of the ideal speed-up.
 Beside them, the machine's own ceiling: the same organisms split over one plain process per core
 (no Ray), started together once they have imported torch.
@@ -276,8 +276,9 @@ def main(argv=None) -> int:
         return {"seconds": seconds, "decisions": decisions, "decisions_per_second": decisions / seconds,
                 "organisms": sum(p["organisms"] for p in chosen)}
 
-    ray_side = measured["population"]
-    first = combined(parts[0:2])  # the parts around the default run
+    # Each Ray run against the two parts around it.
+    around = {key: combined(parts[k:k + 2]) for k, (key, _) in enumerate(runs)}
+    ray_side, first = measured["population"], around["population"]
     speedup = ray_side["decisions_per_second"] / first["decisions_per_second"]
     # The plain processes run last, after every part (not bracketed): against the last two parts,
     # all the organisms, the nearest in time.
@@ -289,11 +290,8 @@ def main(argv=None) -> int:
         "settings": dict(zip(("pop", "generations", "worlds", "episodes", "eval_worlds"), work), extra=args.set),
         # Each part's organisms, seconds and decisions, in the order run.
         "sequential_parts": parts,
-        "population": ray_side,
-        "sequential_around_population": first,
         "speedup": speedup,
         "ideal_speedup": ideal,
-        "fraction_of_ideal": speedup / ideal,
         "target_fraction_of_ideal": 0.85,
         # The machine's own ceiling, without Ray: plain processes, one per core.
         "plain_processes": plain,
@@ -304,14 +302,14 @@ def main(argv=None) -> int:
         "compute_cpu_over_sequential": ray_side["compute_cpu_seconds_per_generation"]
         / (first["seconds"] / (first["organisms"] * args.generations)),
     }
-    without_dashboard = measured.get("population_without_dashboard")
-    if without_dashboard is not None:
-        around = combined(parts[1:3])
-        report["population_without_dashboard"] = without_dashboard
-        report["sequential_around_population_without_dashboard"] = around
-        report["fraction_of_ideal_without_dashboard"] = (
-            without_dashboard["decisions_per_second"] / around["decisions_per_second"] / ideal)
-    without = ("" if without_dashboard is None else
+    # population, sequential_around_population, fraction_of_ideal; the same with
+    # _without_dashboard for the second run
+    for key, result in measured.items():
+        report[key] = result
+        report[f"sequential_around_{key}"] = around[key]
+        report["fraction_of_ideal" + key.removeprefix("population")] = (
+            result["decisions_per_second"] / around[key]["decisions_per_second"] / ideal)
+    without = ("" if "population_without_dashboard" not in measured else
                f"; without the dashboard {100 * report['fraction_of_ideal_without_dashboard']:.0f}%")
     print(
         f"sequential {first['decisions_per_second']:,.0f} decisions/s | population "
