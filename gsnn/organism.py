@@ -416,7 +416,12 @@ class Organism:
 
     def learn_feedback(self, reward: torch.Tensor, done: torch.Tensor) -> bool:
         """Give the rewards of the last decision; returns True when an update was made (which
-        is also when growth and pruning may happen)."""
+        is also when growth and pruning may happen). ``reward`` and ``done`` hold one value per
+        world of the last decision."""
+        worlds = None if self.v is None else self.v.shape[0]  # None: no decision yet (record_feedback says so)
+        if worlds is not None and (reward.shape != (worlds,) or done.shape != (worlds,)):
+            raise ValueError(f"learn_feedback: reward and done must hold one value per world of the last decision "
+                             f"({worlds}), got shapes {tuple(reward.shape)} and {tuple(done.shape)}")
         done = done.to(self.device)
         self._rollout.record_feedback(reward.to(self.device, torch.float32), done, self.config.rollout_length)
         self.stats.decision_steps += 1

@@ -258,6 +258,23 @@ def test_nan_rewards_are_skipped_then_raise():
             organism.learn_feedback(nan_reward, done)
 
 
+def test_feedback_of_the_wrong_shape_is_refused_before_it_is_recorded():
+    organism = Organism(OrganismConfig(rollout_length=2))
+    env = BatchedForagingGrid(4, seed=0)
+    with pytest.raises(RuntimeError, match="call learn_act first"):
+        organism.learn_feedback(torch.zeros(4), torch.zeros(4, dtype=torch.bool))
+    result = env.step(organism.learn_act(env.reset()))
+    for reward, done in ((result.reward[:2], result.done), (result.reward, result.done[:3]),
+                         (result.reward.reshape(4, 1), result.done)):
+        with pytest.raises(ValueError, match=r"^learn_feedback: reward and done must hold one value per world of the "
+                                             r"last decision \(4\), got shapes"):
+            organism.learn_feedback(reward, done)
+    assert (organism._rollout.decisions, organism._rollout.rewarded) == (1, 0)  # nothing recorded
+    assert organism.learn_feedback(result.reward, result.done) is False  # the right shapes still go in
+    organism.learn_act(result.observation)
+    assert organism.learn_feedback(result.reward, result.done) is True and organism.stats.updates == 1
+
+
 def test_config_errors_name_the_field_and_range():
     with pytest.raises(ConfigError, match=r"^grow_threshold: must be a number in \[0.0, 1.0\], got 2"):
         OrganismConfig(grow_threshold=2)
