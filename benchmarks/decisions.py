@@ -260,6 +260,7 @@ def eval_runs(organism, env, settings: Settings, prefix: str = "") -> tuple[dict
         obs = env.step(organism.act(obs, greedy=True)).observation
     position = 0
 
+    @torch.no_grad()  # as gsnn.train.evaluate
     def full_loop(n: int) -> None:
         nonlocal obs
         for _ in range(n):
@@ -268,6 +269,7 @@ def eval_runs(organism, env, settings: Settings, prefix: str = "") -> tuple[dict
             obs = result.observation
         organism.energy.reset()
 
+    @torch.no_grad()
     def organism_only(n: int) -> None:
         nonlocal position
         for _ in range(n):
@@ -418,6 +420,7 @@ def learn_run(organism, env) -> tuple[Callable[[int], None], int]:
     return run, steps * env.num_worlds
 
 
+@torch.no_grad()  # as gsnn.train.live
 def learn_details(organism, env, decisions: int) -> dict:
     """Where learning time goes: one further (untimed for the headline) pass of about
     ``decisions`` decisions split into learn_act, env_step, learn_feedback, update, other."""

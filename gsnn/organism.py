@@ -357,20 +357,27 @@ class Organism:
         """Uniform numbers in [0, 1) from the organism's own stream, one per world, for sampling."""
         return torch.rand(batch, generator=self.generator, device=self.device)
 
-    @torch.no_grad()
     def act(self, obs: torch.Tensor, greedy: bool = True) -> torch.Tensor:
         """Decide for every world without learning (fast path). greedy: argmax, else sample."""
+        if torch.is_grad_enabled():  # see learn_act
+            with torch.no_grad():
+                return self.act(obs, greedy)
         obs = self._flatten(obs)
         if greedy:
             return self._decide(obs, choose="greedy").actions
         return self._decide(obs, choose="sample", uniform=self._uniform(obs.shape[0])).actions
 
-    @torch.no_grad()
     def learn_act(self, obs: torch.Tensor) -> torch.Tensor:
         """Decide (sampling) and record what the learning rule needs of this decision in the
         rollout (REINFORCE: the observation, starting state, logits and action; R-STDP:
         action_post and, with the C kernels and T <= 15, the observation's active inputs and each
         neuron's spikes as bits, else the observation and each neuron's count and post factor)."""
+        if torch.is_grad_enabled():
+            # autograd never sees a decision (gradients are written out). Entering no_grad costs
+            # about 2 us, a few per cent of a decision of 16 worlds: the loops that call this run
+            # inside it once (gsnn.train.live, evaluate), so here it is only entered when needed
+            with torch.no_grad():
+                return self.learn_act(obs)
         obs = self._flatten(obs)
         c, B = self.config, obs.shape[0]
         self._ensure_state(B)  # before the slots: a new batch size starts a new rollout

@@ -36,6 +36,7 @@ class WorldConfig:
         )
 
 
+@torch.no_grad()  # once for the loop instead of per decision (Organism.learn_act)
 def live(organism: Organism, env: BatchedForagingGrid, decision_steps: int, obs: torch.Tensor | None = None):
     """Learn for ``decision_steps`` steps of every world. Returns (last observation, food per
     finished episode as a list). The observation lets a caller continue where it stopped."""
