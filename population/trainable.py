@@ -14,6 +14,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -172,6 +174,16 @@ class OrganismTrainable(Trainable):
         self.config = new_config
         self.setup(new_config)
         return True
+
+    def cleanup(self) -> None:
+        """Tune has stopped this trial for good and Ray ends the process next (every generation
+        is already checkpointed). Ray's raylet may send its SIGTERM while the process is still
+        exiting; Ray's own handler then raises SystemExit inside whatever Python runs at that
+        moment (a garbage-collection callback), and the driver's console showed a traceback
+        ("Exception ignored ... SystemExit: 1") for a normal end, twice in a default run. From
+        here a SIGTERM ends the process at once, quietly."""
+        if threading.current_thread() is threading.main_thread():  # where Python handles signals
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _apply_trial_settings(self, perturb: bool) -> None:
         """Give the organism this trial's hyperparameters (PBT mutates them), keeping its seed."""

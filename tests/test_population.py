@@ -3,6 +3,7 @@
 Every run here goes through the real CLI in a subprocess (as a user runs it), with its own Ray
 temp dir and metrics port, and every process it leaves is killed by PID at the end."""
 
+import contextlib
 import csv
 import json
 import os
@@ -338,6 +339,56 @@ def test_a_killed_actor_is_restored_from_its_checkpoint(tmp_path):
     assert driver_has_pandas
     assert len(seen) >= POP
     assert all(looks == {False} for looks in seen.values()), seen
+
+
+STOPPED_ACTOR = """
+import json, os, signal, sys, time
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only, as population.run
+import ray
+from population import config as run_config
+from population.trainable import OrganismTrainable
+
+def catches_sigterm(pid):
+    mask = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigCgt:")).split()[1]
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=sys.argv[1],
+         log_to_driver=False)
+actor = ray.remote(num_cpus=0)(OrganismTrainable).remote(config={"run": run_config.build({}).to_dict(),
+                                                                   "trial_index": 0})
+pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+out = {"before": catches_sigterm(pid)}
+ray.get(actor.stop.remote())  # what Tune calls before it lets the actor go
+out["after"] = catches_sigterm(pid)
+start = time.monotonic()
+os.kill(pid, signal.SIGTERM)  # what the raylet sends a worker that disconnects
+while time.monotonic() - start < 10 and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+    time.sleep(0.01)
+out["seconds"] = time.monotonic() - start
+print(json.dumps(out), flush=True)
+os._exit(0)  # the test stops the instance's processes
+"""
+
+
+def test_a_stopped_organism_actor_ends_quietly_on_sigterm(tmp_path):
+    """Once Tune has stopped a trial (Trainable.stop, then cleanup), the raylet's SIGTERM ends
+    the actor at once; under Ray's own handler it raised SystemExit wherever Python was, and a
+    default run's console showed "Exception ignored ... SystemExit: 1" tracebacks."""
+    ray_dir = tempfile.mkdtemp(prefix="gsnn-ray-", dir="/tmp")
+    try:
+        done = subprocess.run([sys.executable, "-c", STOPPED_ACTOR, ray_dir], capture_output=True, text=True,
+                              timeout=120, cwd=Path(__file__).resolve().parent.parent,
+                              env=dict(os.environ, HOME=str(tmp_path)))
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        for pid in processes_using(ray_dir):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert out["before"] is True  # a live actor keeps Ray's handler (a graceful SystemExit)
+    assert out["after"] is False
+    assert out["seconds"] < 1.0
 
 
 def test_population_search_stays_open_until_every_trial_has_ended():
