@@ -332,12 +332,15 @@ def test_a_killed_actor_is_restored_from_its_checkpoint(tmp_path):
         done.set()
         run.kill_everything()
     assert code == 0, out
-    assert_complete(run.rows())
+    rows = run.rows()
+    assert_complete(rows)
     # Every organism actor, through PBT's exploits and the restore, ran without the driver's parts
     # of Tune (population/worker_setup.py); the Tune driver has them. (A restored trial may run in
-    # a new process or in an actor Tune reuses.)
+    # a new process or in an actor Tune reuses; an actor Tune drops before it has computed
+    # anything, when a cached one serves its trial first, may end before the watcher looks.)
     assert driver_has_pandas
-    assert len(seen) >= POP
+    computed_by = {int(r["actor_pid"]) for r in rows}
+    assert computed_by <= seen.keys(), (computed_by, seen)
     assert all(looks == {False} for looks in seen.values()), seen
 
 
