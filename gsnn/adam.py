@@ -8,6 +8,14 @@ within float rounding). It is written out because creating any ``torch.optim`` o
 benchmarks``), because the moments live in a plain dict keyed by parameter name, which is what
 growth, pruning and checkpoints need, and because the gradient clip's scale is folded into the
 same pass.
+
+One difference from torch's: a moment whose magnitude falls below the smallest normal float is
+stored as zero. A weight whose gradient stays zero (an input that no rollout sees active, a silent
+neuron of a fixed network) has its first moment decay into the subnormals, where it sticks
+(``m + 0.1 * (0 - m)`` rounds back to ``m``), and on a CPU every operation on a subnormal takes a
+slow microcode assist: a fixed R-STDP network at hidden 512 learned 26% slower after 3,000
+updates. Such a moment's share of the step (``m / eps``, below 1e-30) is under the last bit of any
+weight larger than about 1e-23, so the weights stay torch's.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import math
 import torch
 
 from gsnn import kernels
+
+TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 
 
 class Adam:
@@ -54,6 +64,8 @@ class Adam:
                 grad = grad * scale
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            exp_avg.masked_fill_(exp_avg.abs() < TINY, 0.0)  # no subnormal moments (as the C step)
+            exp_avg_sq.masked_fill_(exp_avg_sq < TINY, 0.0)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
             param.addcdiv_(exp_avg, denom, value=-step_size)
             finite = finite and bool(torch.isfinite(param.sum()))

@@ -26,6 +26,7 @@
  *     i_new = i + x;  v' = v + p0 * ((v_leak - v) + i_new);  i = i_new + p1 * i_new
  *     z = (v' - v_th > 0);  v = z ? v_reset : v'
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -1030,8 +1031,10 @@ double gsnn_sum_squares(int64_t n, const float *x) {
  * the gradient scaled first (the global-norm clip): g = grad * scale; m += (1 - beta1) (g - m);
  * v = v beta2 + (1 - beta2) g g; param += -step_size m / (sqrt(v) * (1 / bias2_sqrt) + eps) (torch
  * divides sqrt(v) by bias2_sqrt: the product with the reciprocal can differ in the last bit, and
- * saves a division per element, whose throughput bounds this loop). Returns the sum of the
- * updated parameters (not finite if any parameter is not), summed in the same pass. */
+ * saves a division per element, whose throughput bounds this loop). A moment whose magnitude falls
+ * below FLT_MIN is stored as zero: a subnormal moment sticks and makes every later step slow
+ * (gsnn/adam.py says why, and why the weights do not change). Returns the sum of the updated
+ * parameters (not finite if any parameter is not), summed in the same pass. */
 double gsnn_adam(int64_t n, float *param, const float *grad, float *m, float *v, float scale, float beta1,
                  float beta2, float step_size, float bias2_sqrt, float eps) {
     const float w1 = 1.0f - beta1, w2 = 1.0f - beta2, neg_step = -step_size, inv_bias2 = 1.0f / bias2_sqrt;
@@ -1040,7 +1043,9 @@ double gsnn_adam(int64_t n, float *param, const float *grad, float *m, float *v,
     for (; k + 8 <= n; k += 8)
         for (int j = 0; j < 8; j++) {
             const float g = grad[k + j] * scale;
-            const float mk = m[k + j] + w1 * (g - m[k + j]), vk = v[k + j] * beta2 + w2 * g * g;
+            float mk = m[k + j] + w1 * (g - m[k + j]), vk = v[k + j] * beta2 + w2 * g * g;
+            mk = fabsf(mk) < FLT_MIN ? 0.0f : mk;
+            vk = vk < FLT_MIN ? 0.0f : vk;
             m[k + j] = mk;
             v[k + j] = vk;
             param[k + j] = param[k + j] + neg_step * mk / (sqrtf(vk) * inv_bias2 + eps);
@@ -1049,8 +1054,9 @@ double gsnn_adam(int64_t n, float *param, const float *grad, float *m, float *v,
     double total = sum8(part);
     for (; k < n; k++) {
         const float g = grad[k] * scale;
-        m[k] = m[k] + w1 * (g - m[k]);
-        v[k] = v[k] * beta2 + w2 * g * g;
+        const float mk = m[k] + w1 * (g - m[k]), vk = v[k] * beta2 + w2 * g * g;
+        m[k] = fabsf(mk) < FLT_MIN ? 0.0f : mk;
+        v[k] = vk < FLT_MIN ? 0.0f : vk;
         param[k] = param[k] + neg_step * m[k] / (sqrtf(v[k]) * inv_bias2 + eps);
         total += param[k];
     }

@@ -1,6 +1,7 @@
 """The hot loops (gsnn.kernels): C and torch implementations against Norse's LIF step and autograd,
 and against each other; the written-out REINFORCE gradient and Adam against torch's; the build."""
 
+import contextlib
 import subprocess
 import sys
 
@@ -509,6 +510,35 @@ def test_adam_equals_torch_optim_adam_bit_for_bit_on_the_torch_path():
         assert torch.equal(ours.params[k], param.detach()), k
         assert torch.equal(ours.exp_avg[k], reference.state[param]["exp_avg"]), k
         assert torch.equal(ours.exp_avg_sq[k], reference.state[param]["exp_avg_sq"]), k
+
+
+def test_adam_stores_no_subnormal_moments_and_keeps_torchs_weights():
+    """A weight whose gradient stays zero: torch's first moment decays into the subnormals and
+    sticks there (every later step on it is slow on a CPU); ours becomes zero, with the same
+    weights on both paths."""
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = lambda t: int(((t != 0) & (t.abs() < tiny)).sum())  # noqa: E731
+    g = torch.Generator().manual_seed(8)
+    start = {"a": torch.randn(40, 9, generator=g)}
+    first = torch.randn(40, 9, generator=g)
+    reference_param = torch.nn.Parameter(start["a"].clone())
+    reference = torch.optim.Adam([reference_param], lr=3e-3)
+    for path in ("native", "torch"):
+        ours = Adam({"a": start["a"].clone()}, lr=3e-3)
+        context = native.torch_only() if path == "torch" else contextlib.nullcontext()
+        with context:
+            for step in range(1000):
+                ours.step({"a": first.clone() if step == 0 else torch.zeros(40, 9)})
+        assert subnormal(ours.exp_avg["a"]) == 0 and subnormal(ours.exp_avg_sq["a"]) == 0, path
+        assert int((ours.exp_avg["a"] == 0).sum()) == 360, path
+        if path == "native":
+            for step in range(1000):
+                reference_param.grad = first.clone() if step == 0 else torch.zeros(40, 9)
+                reference.step()
+            assert subnormal(reference.state[reference_param]["exp_avg"]) > 0  # the case this test is about
+            torch.testing.assert_close(ours.params["a"], reference_param.detach(), rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(ours.params["a"], reference_param.detach())
 
 
 def _run_fresh(code: str, env_overrides: dict, tmp_path) -> subprocess.CompletedProcess:
