@@ -58,7 +58,7 @@ class BatchedForagingGrid:
         device: str | torch.device = "cpu",
         seed: int = 0,
     ):
-        validate_world_args(size, n_food, max_steps, obs_mode, walls)
+        validate_world_args(size, n_food, max_steps, obs_mode, walls, food_reward, step_penalty, wall_penalty)
         if not isinstance(num_worlds, int) or num_worlds < 1:
             raise ValueError(f"num_worlds must be an int >= 1, got {num_worlds!r}")
         self.num_worlds = num_worlds
@@ -114,12 +114,17 @@ class BatchedForagingGrid:
         on_agent = food[self._worlds, agent[:, 0], agent[:, 1]]
         if bool(on_agent.any()):
             raise ValueError("food may not lie on the agent's cell")
+        if steps is not None:
+            steps = torch.as_tensor(steps, device=self.device)
+            if steps.is_floating_point() or steps.dtype == torch.bool or steps.is_complex():
+                raise ValueError(f"steps must be integers in [0, {self.max_steps - 1}], got {steps.dtype}")
+            steps = steps.to(torch.long).reshape(self.num_worlds)
+            if bool(((steps < 0) | (steps >= self.max_steps)).any()):
+                raise ValueError(f"steps must be integers in [0, {self.max_steps - 1}] (steps taken in the "
+                                 f"episode so far, max_steps {self.max_steps}), got {steps.tolist()}")
         self.agent = agent.clone(memory_format=torch.contiguous_format)  # the C step reads them row-major
         self.food = food.clone(memory_format=torch.contiguous_format)
-        self.steps = (
-            torch.zeros_like(self.steps) if steps is None
-            else torch.as_tensor(steps, dtype=torch.long, device=self.device).reshape(self.num_worlds).clone()
-        )
+        self.steps = torch.zeros_like(self.steps) if steps is None else steps.clone()
         self.episode_food.zero_()
 
     def step(self, actions: torch.Tensor, spawn_draws: torch.Tensor | None = None) -> StepResult:

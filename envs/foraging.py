@@ -10,6 +10,9 @@ from gymnasium import spaces
 
 from envs import rules
 
+MAX_STEPS_LIMIT = 2**62  # the worlds count steps in int64
+REWARD_LIMIT = 1e30  # rewards are float32, and a rollout sums discounted rewards
+
 
 class ForagingGrid(gym.Env):
     """
@@ -72,7 +75,7 @@ class ForagingGrid(gym.Env):
         walls: str = "border",
         render_mode: str | None = None,
     ):
-        validate_world_args(size, n_food, max_steps, obs_mode, walls)
+        validate_world_args(size, n_food, max_steps, obs_mode, walls, food_reward, step_penalty, wall_penalty)
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.size = size
@@ -235,13 +238,19 @@ class SeasonalForagingGrid(ForagingGrid):
         return info
 
 
-def validate_world_args(size, n_food, max_steps, obs_mode, walls) -> None:
+def validate_world_args(size, n_food, max_steps, obs_mode, walls, food_reward=10.0, step_penalty=0.01,
+                        wall_penalty=0.0) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 3:
         raise ValueError(f"size must be an int >= 3, got {size!r}")
     if isinstance(n_food, bool) or not isinstance(n_food, int) or not 1 <= n_food <= size * size - 1:
         raise ValueError(f"n_food must be an int in [1, {size * size - 1}], got {n_food!r}")
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or not 1 <= max_steps <= MAX_STEPS_LIMIT:
+        raise ValueError(f"max_steps must be an int in [1, 2**62], got {max_steps!r}")
+    for name, value in (("food_reward", food_reward), ("step_penalty", step_penalty), ("wall_penalty", wall_penalty)):
+        # float32 rewards (the batched world's): a finite value that fits
+        if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+                or not abs(float(value)) <= REWARD_LIMIT):
+            raise ValueError(f"{name} must be a finite number in [-{REWARD_LIMIT:g}, {REWARD_LIMIT:g}], got {value!r}")
     if obs_mode not in rules.OBSERVATION_MODES:
         raise ValueError(f"obs_mode must be one of {rules.OBSERVATION_MODES}, got {obs_mode!r}")
     if walls not in rules.WALL_ENCODINGS:

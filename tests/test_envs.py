@@ -694,6 +694,14 @@ def test_greedy_policy_steps_toward_nearest_food():
         (dict(n_food=SIZE * SIZE), "n_food"),
         (dict(n_food=2.5), "n_food"),
         (dict(max_steps=0), "max_steps"),
+        (dict(max_steps=True), "max_steps"),
+        (dict(max_steps=2**63), "max_steps"),
+        (dict(food_reward=float("nan")), "food_reward"),
+        (dict(food_reward=1e39), "food_reward"),
+        (dict(step_penalty=float("inf")), "step_penalty"),
+        (dict(step_penalty="0.01"), "step_penalty"),
+        (dict(wall_penalty=-float("inf")), "wall_penalty"),
+        (dict(wall_penalty=True), "wall_penalty"),
         (dict(obs_mode="topdown"), "obs_mode"),
         (dict(walls="none"), "walls"),
     ],
@@ -752,6 +760,19 @@ def test_bad_set_state():
     food[1, 3, 3] = True
     with pytest.raises(ValueError, match="food"):
         env.set_state(torch.tensor([[0, 0], [3, 3]]), food)
+
+
+@pytest.mark.parametrize("steps", [[-5, 0], [0, 500], [3, 10**6], [0.0, 1.0], [True, False]])
+def test_set_state_refuses_steps_outside_an_episode(steps):
+    """A world has taken 0 to max_steps - 1 steps of its episode: -5 ran it for 505 steps, and
+    10**6 ended it at once."""
+    env = BatchedForagingGrid(2, max_steps=500, seed=0)
+    before = (env.agent.clone(), env.food.clone(), env.steps.clone())
+    with pytest.raises(ValueError, match=r"^steps must be integers in \[0, 499\]"):
+        env.set_state(torch.tensor([[1, 1], [2, 2]]), torch.zeros(2, SIZE, SIZE, dtype=torch.bool), torch.tensor(steps))
+    assert all(torch.equal(a, b) for a, b in zip(before, (env.agent, env.food, env.steps)))  # nothing set
+    env.set_state(torch.tensor([[1, 1], [2, 2]]), torch.zeros(2, SIZE, SIZE, dtype=torch.bool), torch.tensor([0, 499]))
+    assert env.step(torch.tensor([0, 0])).done.tolist() == [False, True]
 
 
 def test_render_ansi():
