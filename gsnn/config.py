@@ -7,11 +7,13 @@ Interval fields count *decision steps*: one step is one decision for every world
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 LEARNING_RULES = ("reinforce", "rstdp")
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 class ConfigError(ValueError):
@@ -39,28 +41,53 @@ class Bound:
         return name
 
     def check(self, name: str, value: Any) -> Any:
+        def refuse():
+            raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
+
         if self.choices is not None:
             if value not in self.choices:
-                raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
+                refuse()
             return value
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
+                refuse()
             return value
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            number = self._parse(value)
+            if number is None:
+                refuse()
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            refuse()
+        if isinstance(number, float):
+            if not math.isfinite(number) or (self.kind is int and not number.is_integer()):
+                refuse()
+        if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
+            refuse()
+        if self.kind is int:
+            return int(number)  # exact: an int stays itself, an integral float converts exactly
+        try:
+            return float(number)
+        except OverflowError:  # an int beyond any float
+            refuse()
+
+    def _parse(self, text: str) -> int | float | None:
+        """A number written as a string: integers exactly (an integer field's "12345678901234567"
+        must not pass through a float), None if it is not a number."""
+        if self.kind is not int:
             try:
-                value = float(value)
+                return float(text)
             except ValueError:
-                raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
-        if self.kind is int and not float(value).is_integer():
-            raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise ConfigError(f"{name}: must be {self.describe()}, got {value!r}")
-        return int(value) if self.kind is int else float(value)
+                return None
+        try:
+            number = decimal.Decimal(text.strip())
+        except decimal.InvalidOperation:
+            return None
+        if not number.is_finite() or number != number.to_integral_value():
+            return None
+        if number.adjusted() > 40:  # far outside every range: never build a huge int
+            return math.inf
+        return int(number)
 
 
 def bounded(default, kind, low=None, high=None, choices=None, doc=""):
@@ -119,6 +146,21 @@ class OrganismConfig:
                 "init_hidden: must lie in [min_hidden, max_hidden] = "
                 f"[{self.min_hidden}, {self.max_hidden}], got {self.init_hidden}"
             )
+        for rate in ("tau_mem_inv", "tau_syn_inv"):
+            # The LIF step (gsnn.neurons) decays v and i by the factor 1 - dt * rate each step:
+            # beyond 1 that factor turns negative (the state overshoots and flips sign every step)
+            # and from 2 on it grows without bound until v and i are Inf and then NaN.
+            value = getattr(self, rate)
+            if self.dt * value > 1.0:
+                raise ConfigError(
+                    f"dt, {rate}: dt * {rate} must be <= 1 (the Euler step of the LIF update overshoots "
+                    f"beyond 1 and diverges from 2), got {self.dt} * {value} = {self.dt * value:g}"
+                )
+        for potential in ("v_th", "v_leak", "v_reset"):
+            value = getattr(self, potential)
+            if abs(value) > FLOAT32_MAX:  # the LIF step computes in float32: it would be Inf
+                raise ConfigError(f"{potential}: must be a number in [-{FLOAT32_MAX:g}, {FLOAT32_MAX:g}] "
+                                  f"(float32), got {value!r}")
         if self.prune_threshold > self.grow_threshold:
             raise ConfigError(
                 f"prune_threshold: must be <= grow_threshold ({self.grow_threshold}), "

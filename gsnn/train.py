@@ -57,8 +57,11 @@ def live(organism: Organism, env: BatchedForagingGrid, decision_steps: int, obs:
 @torch.no_grad()
 def evaluate(organism: Organism, env: BatchedForagingGrid, seed: int, greedy: bool = True) -> dict:
     """One full episode in every world of ``env`` from ``seed``. The organism's learning state
-    (LIF state, energy meter) is set aside and restored, so evaluation never disturbs learning."""
+    (LIF state, energy meter, rollout, and the random stream that ``greedy=False`` samples
+    from) is set aside and restored, so evaluation never disturbs learning. ``fitness_std`` is
+    the standard deviation of the worlds' food (0.0 for one world, never NaN)."""
     saved = (organism.v, organism.i, organism.energy, organism._rollout)
+    stream = organism.generator.get_state()
     organism.energy = EnergyMeter(organism.config)
     organism.reset_state(env.num_worlds)
     try:
@@ -72,7 +75,9 @@ def evaluate(organism: Organism, env: BatchedForagingGrid, seed: int, greedy: bo
         energy = organism.energy.report()
     finally:
         organism.v, organism.i, organism.energy, organism._rollout = saved
-    return {"fitness": float(food.float().mean()), "fitness_std": float(food.float().std()), **energy}
+        organism.generator.set_state(stream)
+    spread = float(food.float().std()) if env.num_worlds > 1 else 0.0
+    return {"fitness": float(food.float().mean()), "fitness_std": spread, **energy}
 
 
 def main(argv=None) -> int:

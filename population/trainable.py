@@ -11,6 +11,7 @@ just gave this trial, and, if ``weight_noise`` > 0, perturbs its weights (weight
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -99,15 +100,17 @@ class OrganismTrainable(Trainable):
         eval_seconds = time.perf_counter() - t0
         cpu_seconds = time.thread_time() - cpu_start
         self._cpu_mark = (time.thread_time(), time.process_time())
-        fitness = result["fitness"]
+        fitness, fitness_std = result["fitness"], result["fitness_std"]
         if not math.isfinite(fitness):  # never hand PBT a NaN: it would drop this trial from ranking
             fitness = 0.0
+        if not math.isfinite(fitness_std):
+            fitness_std = 0.0
         counts = _event_counts(organism)
         decisions = int(pop["episodes_per_generation"]) * self.world.max_steps * self.world.num_worlds
         report = {
             "generation": generation,
             "fitness": fitness,
-            "fitness_std": result["fitness_std"],
+            "fitness_std": fitness_std,
             "train_food": sum(finished) / max(len(finished), 1),
             "hidden_neurons": organism.hidden_neurons,
             "mean_firing_rate": float(organism.rate_ema.mean()),
@@ -186,12 +189,20 @@ class OrganismTrainable(Trainable):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _apply_trial_settings(self, perturb: bool) -> None:
-        """Give the organism this trial's hyperparameters (PBT mutates them), keeping its seed."""
+        """Give the organism this trial's hyperparameters (PBT mutates them), keeping its seed.
+        The organism keeps the shape of the checkpoint it came from: where this trial's
+        [min_hidden, max_hidden] (mutated by PBT) leaves out its hidden size, the range is widened
+        to include it (Organism.set_config refuses a range that excludes the current size)."""
         settings = organism_settings(self.config)
         current = self.organism.config.to_dict()
         merged = dict(current, **{k: v for k, v in settings.items() if k in current})
         merged["seed"] = self.seed
-        self.organism.set_config(OrganismConfig.from_dict(merged))
+        config = OrganismConfig.from_dict(merged)
+        hidden = self.organism.hidden_neurons
+        if not config.min_hidden <= hidden <= config.max_hidden:
+            config = dataclasses.replace(config, min_hidden=min(config.min_hidden, hidden),
+                                         max_hidden=max(config.max_hidden, hidden))
+        self.organism.set_config(config)
         noise = float(self.config.get("weight_noise", 0.0))
         if perturb and noise > 0:
             self.organism.perturb_weights(noise)

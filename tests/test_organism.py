@@ -222,10 +222,137 @@ def test_checkpoint_with_inconsistent_shapes_or_nan_is_refused(tmp_path):
     bad_nan["params"]["hidden_bias"][0] = float("nan")
     for bad in (bad_shape, bad_nan):
         checkpoint.save(bad, tmp_path / "bad.ckpt")  # an intact file holding a bad organism
-        target = Organism()
+        target = Organism(OrganismConfig(init_hidden=40, seed=4))  # another size: a partial load shows
+        before = copy.deepcopy(target.state_dict())
         with pytest.raises(checkpoint.CheckpointError, match="checkpoint refused"):
             target.load(tmp_path / "bad.ckpt")
-        assert target.hidden_neurons == 64
+        assert_same_state(before, target.state_dict())
+
+
+@pytest.fixture(scope="module")
+def good_state():
+    """A checkpoint state with every part filled in: Adam moments, LIF state, grow and prune events."""
+    organism = trained(steps=32, worlds=4, init_hidden=40, min_hidden=8, max_hidden=128)
+    organism.grow(8)
+    organism.prune(torch.arange(organism.hidden_neurons) % 5 == 0)
+    return organism.state_dict()
+
+
+def _set(path, value):
+    """A mutation of a state: the entry at ``path`` becomes ``value`` (or ``value(old)``)."""
+    def mutate(state):
+        node = state
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value(node[path[-1]]) if callable(value) else value
+    return mutate
+
+
+def _drop(path):
+    def mutate(state):
+        node = state
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return mutate
+
+
+BAD_STATES = {
+    "unknown part": _set(("bogus",), 1),
+    "version 3": _set(("version",), 3),
+    "config not a dict": _set(("config",), 5),
+    "config bad value": _set(("config", "learning_rate"), 5.0),
+    "config unstable LIF": _set(("config", "dt"), 0.02),
+    "config max_hidden below hidden": _set(("config",), lambda c: dict(c, max_hidden=16, init_hidden=16, min_hidden=8)),
+    "config min_hidden above hidden": _set(("config",), lambda c: dict(c, min_hidden=100, init_hidden=100)),
+    "config n_actions": _set(("config", "n_actions"), 5),
+    "hidden_neurons True": _set(("hidden_neurons",), True),
+    "params extra": _set(("params", "extra"), torch.zeros(3)),
+    "input_weight float64": _set(("params", "input_weight"), lambda w: w.double()),
+    "hidden_bias int64": _set(("params", "hidden_bias"), lambda w: w.long()),
+    "readout_bias Inf": _set(("params", "readout_bias"), lambda w: w.fill_(float("inf"))),
+    "readout_weight a list": _set(("params", "readout_weight"), lambda w: w.tolist()),
+    "rate_ema float64": _set(("rate_ema",), lambda t: t.double()),
+    "rate_ema NaN": _set(("rate_ema",), lambda t: t.fill_(float("nan"))),
+    "birth_step float": _set(("birth_step",), lambda t: t.float()),
+    "birth_step negative": _set(("birth_step",), lambda t: t - 10**6),
+    "optimizer missing a key": _drop(("optimizer", "eps")),
+    "optimizer steps None": _set(("optimizer", "steps"), None),
+    "optimizer steps -1": _set(("optimizer", "steps"), -1),
+    "optimizer betas short": _set(("optimizer", "betas"), [0.9]),
+    "optimizer lr NaN": _set(("optimizer", "lr"), float("nan")),
+    "optimizer eps 0": _set(("optimizer", "eps"), 0.0),
+    "exp_avg not a dict": _set(("optimizer", "exp_avg"), [1]),
+    "exp_avg float64": _set(("optimizer", "exp_avg", "input_weight"), lambda t: t.double()),
+    "exp_avg_sq missing a key": _drop(("optimizer", "exp_avg_sq", "input_weight")),
+    "exp_avg_sq negative": _set(("optimizer", "exp_avg_sq", "hidden_bias"), lambda t: t - 1.0),
+    "exp_avg wrong shape": _set(("optimizer", "exp_avg", "readout_weight"), torch.zeros(3, 4)),
+    "stats not a dict": _set(("stats",), [1, 2]),
+    "stats extra key": _set(("stats", "bogus"), 1),
+    "stats decision_steps str": _set(("stats", "decision_steps"), "many"),
+    "stats events garbage": _set(("stats", "events"), [5]),
+    "stats event kind": _set(("stats", "events"), [[10, "split", 4, 40]]),
+    "last_grow_check str": _set(("last_grow_check",), "x"),
+    "last_prune_check float": _set(("last_prune_check",), 3.0),
+    "consecutive_nonfinite str": _set(("consecutive_nonfinite",), "x"),
+    "generator state wrong size": _set(("generator", "state"), torch.zeros(3, dtype=torch.uint8)),
+    "generator missing device": _set(("generator",), lambda g: {"state": g["state"]}),
+    "generator state float": _set(("generator", "state"), lambda t: t.float()),
+    "lif_state not a dict": _set(("lif_state",), 3),
+    "lif_state missing i": _set(("lif_state",), lambda lif: {"v": lif["v"]}),
+    "lif_state v NaN": _set(("lif_state", "v"), lambda v: v.fill_(float("nan"))),
+    "lif_state i Inf": _set(("lif_state", "i"), lambda i: i.fill_(float("inf"))),
+    "lif_state v and i batches differ": _set(("lif_state", "i"), lambda i: i[:2].clone()),
+    "lif_state v float64": _set(("lif_state", "v"), lambda v: v.double()),
+    "lif_state v 1-D": _set(("lif_state", "v"), lambda v: v[0].clone()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STATES))
+def test_intact_checkpoint_with_bad_values_is_refused_and_nothing_is_loaded(tmp_path, good_state, case):
+    """Each part of the state is checked (type, dtype, shape, finiteness, key set) before any of it
+    is taken: a refused state leaves the organism exactly as it was, and whatever is wrong, the
+    error is CheckpointError."""
+    state = copy.deepcopy(good_state)
+    BAD_STATES[case](state)
+    checkpoint.save(state, tmp_path / "bad.ckpt")  # an intact file holding a bad organism
+    target = Organism(OrganismConfig(init_hidden=20, min_hidden=8, max_hidden=64, seed=5))
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(checkpoint.CheckpointError, match="^checkpoint refused: "):
+        target.load(tmp_path / "bad.ckpt")
+    assert_same_state(before, target.state_dict())
+    with pytest.raises(checkpoint.CheckpointError, match="^checkpoint refused: "):
+        Organism.from_checkpoint(tmp_path / "bad.ckpt")
+
+
+def test_a_state_that_is_not_a_dict_is_refused():
+    target = Organism()
+    before = copy.deepcopy(target.state_dict())
+    for state in ([1, 2], None, "state"):
+        with pytest.raises(checkpoint.CheckpointError, match="^checkpoint refused: the state is"):
+            target.load_state_dict(state)
+    assert_same_state(before, target.state_dict())
+
+
+def test_a_version_1_checkpoint_is_refused_saying_what_it_was(tmp_path, good_state):
+    checkpoint.save(dict(good_state, version=1), tmp_path / "v1.ckpt")
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"^checkpoint refused: version 1 \(its optimizer section is torch\.optim\.Adam's .*\) "
+                             r"cannot be loaded"):
+        Organism().load(tmp_path / "v1.ckpt")
+
+
+def test_a_non_contiguous_tensor_in_a_checkpoint_loads_and_learns(tmp_path, good_state):
+    state = copy.deepcopy(good_state)
+    weight = state["params"]["input_weight"]
+    state["params"]["input_weight"] = weight.t().contiguous().t()  # the same values, column-major
+    assert not state["params"]["input_weight"].is_contiguous()
+    checkpoint.save(state, tmp_path / "o.ckpt")
+    target = Organism()
+    target.load(tmp_path / "o.ckpt")
+    assert torch.equal(target.params["input_weight"], weight)
+    live(target, BatchedForagingGrid(4, seed=1), 16)  # the C kernels take it
+    assert target.stats.updates == good_state["stats"]["updates"] + 2
 
 
 def test_nan_observation_raises_instead_of_acting():
@@ -441,3 +568,147 @@ def test_a_copied_organism_decides_on_its_own_tensors():
     # and the original still decides as a fresh copy of itself does
     again = copy.deepcopy(organism)
     assert torch.equal(organism.act(obs), again.act(obs)) and torch.equal(organism.v, again.v)
+
+
+def test_an_unstable_lif_step_is_refused_by_the_config_naming_the_fields():
+    """dt * tau_inv > 1: the Euler step's decay factor 1 - dt * tau_inv turns negative (and from 2
+    the state diverges to Inf and NaN), so such a config is refused in one line."""
+    with pytest.raises(ConfigError,
+                       match=r"^dt, tau_syn_inv: dt \* tau_syn_inv must be <= 1 .*got 0\.006 \* 200\.0 = 1\.2$"):
+        OrganismConfig(dt=0.006)
+    with pytest.raises(ConfigError, match=r"^dt, tau_mem_inv: dt \* tau_mem_inv must be <= 1 "):
+        OrganismConfig(dt=0.02)
+    with pytest.raises(ConfigError, match=r"^dt, tau_mem_inv: "):
+        OrganismConfig(tau_mem_inv=1001.0)
+    assert OrganismConfig(dt=0.005).dt == 0.005  # dt * tau_syn_inv = 1 exactly is stable
+    organism = Organism()
+    with pytest.raises(ConfigError, match=r"^dt, tau_syn_inv: "):
+        organism.set_config(OrganismConfig.from_dict(dict(organism.config.to_dict(), dt=0.01)))
+    with pytest.raises(ConfigError,
+                       match=r"^v_leak: must be a number in \[-3\.40282e\+38, 3\.40282e\+38\] \(float32\)"):
+        OrganismConfig(v_leak=1e39)  # the float32 LIF constant would be Inf
+
+
+def test_integer_settings_given_as_strings_are_parsed_exactly():
+    assert OrganismConfig(seed="12345678901234567").seed == 12345678901234567  # not through a float
+    assert OrganismConfig(seed="9223372036854775807").seed == 2**63 - 1
+    assert OrganismConfig(rollout_length="1e3").rollout_length == 1000
+    assert OrganismConfig(learning_rate="3e-3").learning_rate == 3e-3
+    for bad in ("9223372036854775808", "1.5", "nan", "1e999999999", "twelve"):
+        with pytest.raises(ConfigError, match=r"^seed: must be an integer in \[0, 9223372036854775807\], got '"):
+            OrganismConfig(seed=bad)
+    with pytest.raises(ConfigError, match=r"^seed: must be an integer"):
+        OrganismConfig(seed=10**400)  # beyond any float: refused, not OverflowError
+
+
+def test_a_nonfinite_lif_state_raises_at_the_update_and_is_never_checkpointed(tmp_path):
+    organism = trained(steps=16, worlds=4)
+    organism.v[1, 3] = float("nan")  # as an overflowing input current would leave it
+    updates = organism.stats.updates
+    with pytest.raises(NonFiniteError, match=r"^the LIF state .* holds NaN or Inf at decision step 24 "):
+        live(organism, BatchedForagingGrid(4, seed=1), 16)
+    assert organism.stats.updates == updates and not len(organism._rollout)  # nothing learnt from it
+    with pytest.raises(NonFiniteError, match=r"^state_dict\(\): lif_state\.v holds NaN or Inf"):
+        organism.save(tmp_path / "o.ckpt")
+    assert not (tmp_path / "o.ckpt").exists()
+    organism.reset_state(4)  # the worlds start from rest: learning and checkpoints go on
+    live(organism, BatchedForagingGrid(4, seed=1), 8)
+    assert organism.stats.updates == updates + 1
+    organism.save(tmp_path / "o.ckpt")
+
+
+def test_nan_weights_are_never_checkpointed(tmp_path):
+    organism = trained(steps=16, worlds=4)
+    organism.save(tmp_path / "o.ckpt")
+    good = (tmp_path / "o.ckpt").read_bytes()
+    organism.optimizer.lr = float("nan")  # Adam's step then writes NaN into every parameter
+    with pytest.raises(NonFiniteError, match="a parameter became non-finite"):
+        live(organism, BatchedForagingGrid(4, seed=1), 8)
+    with pytest.raises(NonFiniteError, match=r"^state_dict\(\): params\.input_weight, .* hold NaN or Inf; "
+                                             r"a non-finite organism is never checkpointed$"):
+        organism.save(tmp_path / "o.ckpt")
+    assert (tmp_path / "o.ckpt").read_bytes() == good  # the last good checkpoint is kept
+
+
+def test_set_config_refuses_shape_changes_and_a_hidden_range_without_the_current_size():
+    organism = trained(steps=16, worlds=4, init_hidden=32, min_hidden=8, max_hidden=128)
+    before = copy.deepcopy(organism.state_dict())
+    config = organism.config
+    for change, message in (
+        (dict(n_actions=5), r"^n_actions: cannot change on a living organism \(it has 4\), got 5$"),
+        (dict(n_inputs=100), r"^n_inputs: cannot change on a living organism \(it has 450\), got 100$"),
+        (dict(max_hidden=16, init_hidden=16), r"^max_hidden: must be >= the organism's 32 hidden neurons, got 16$"),
+        (dict(min_hidden=64, init_hidden=64), r"^min_hidden: must be <= the organism's 32 hidden neurons, got 64$"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            organism.set_config(OrganismConfig.from_dict(dict(config.to_dict(), **change)))
+        assert organism.config is config
+    assert_same_state(before, organism.state_dict())
+    organism.set_config(OrganismConfig.from_dict(dict(config.to_dict(), min_hidden=32, max_hidden=32, init_hidden=32)))
+    assert organism.config.max_hidden == 32  # a range that holds the size is taken
+
+
+def test_rollout_length_changes_between_rollouts_only():
+    """The rollout's buffers are sized by rollout_length at its first decision: a longer one
+    mid-rollout left every later learn_act failing (and the organism could not be saved)."""
+    organism = Organism(OrganismConfig(rollout_length=8))
+    env = BatchedForagingGrid(4, seed=0)
+    obs = env.reset()
+    for _ in range(5):
+        result = env.step(organism.learn_act(obs))
+        organism.learn_feedback(result.reward, result.done)
+        obs = result.observation
+    with pytest.raises(RuntimeError, match="changes rollout_length in the middle of a rollout"):
+        organism.set_config(OrganismConfig.from_dict(dict(organism.config.to_dict(), rollout_length=32)))
+    assert organism.config.rollout_length == 8
+    for _ in range(3):
+        result = env.step(organism.learn_act(obs))
+        organism.learn_feedback(result.reward, result.done)
+        obs = result.observation
+    assert organism.stats.updates == 1
+    organism.set_config(OrganismConfig.from_dict(dict(organism.config.to_dict(), rollout_length=32)))
+    live(organism, env, 32, obs)
+    assert organism.stats.updates == 2
+
+
+def test_prune_refuses_a_mask_of_the_wrong_shape_or_dtype_or_below_min_hidden():
+    organism = trained(steps=16, worlds=4, init_hidden=32, min_hidden=8)
+    before = copy.deepcopy(organism.state_dict())
+    short = torch.zeros(20, dtype=torch.bool)
+    short[3] = True
+    for mask, message in (
+        (short, r"^prune: the mask must be a bool tensor of shape \(32,\), one value per hidden neuron, "
+                r"got torch\.bool \(20,\)$"),
+        (torch.zeros(32, dtype=torch.long), r"got torch\.int64 \(32,\)$"),
+        (torch.ones(32, 1, dtype=torch.bool), r"got torch\.bool \(32, 1\)$"),
+        ([False] * 32, r"got list \(\)$"),
+        (torch.arange(32) >= 7, r"^prune: removing 25 of 32 neurons would leave 7, below min_hidden \(8\)$"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            organism.prune(mask)
+    assert_same_state(before, organism.state_dict())
+    assert organism.prune(torch.arange(32) >= 8) == 24 and organism.hidden_neurons == 8
+
+
+def test_feedback_with_a_non_bool_done_is_refused_before_it_is_recorded():
+    organism = Organism(OrganismConfig(rollout_length=2))
+    env = BatchedForagingGrid(4, seed=0)
+    result = env.step(organism.learn_act(env.reset()))
+    for done in (torch.tensor([1, 0, 0, 0]), result.done.float()):
+        with pytest.raises(ValueError,
+                           match=r"^learn_feedback: done must be a bool tensor, got torch\.(int64|float32)$"):
+            organism.learn_feedback(result.reward, done)
+    assert (organism._rollout.decisions, organism._rollout.rewarded, organism.stats.decision_steps) == (1, 0, 0)
+    assert organism.learn_feedback(result.reward, result.done) is False
+
+
+def test_evaluation_leaves_the_random_stream_alone_and_one_world_has_no_spread():
+    from gsnn.train import evaluate
+
+    organism, twin = Organism(OrganismConfig(seed=4)), Organism(OrganismConfig(seed=4))
+    result = evaluate(organism, BatchedForagingGrid(4, seed=9, max_steps=20), seed=9, greedy=False)
+    assert torch.equal(organism.generator.get_state(), twin.generator.get_state())
+    assert torch.equal(organism.act(torch.zeros(4, 450), greedy=False), twin.act(torch.zeros(4, 450), greedy=False))
+    assert result["fitness_std"] >= 0
+    single = evaluate(organism, BatchedForagingGrid(1, seed=9, max_steps=20), seed=9)
+    assert single["fitness_std"] == 0.0  # not NaN (std of one value): PBT gets it
