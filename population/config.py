@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,9 @@ from gsnn.config import Bound, ConfigError, OrganismConfig, bounded
 DEFAULT_CONFIG = "default.yaml"
 # Settings PBT may mutate: every OrganismConfig field, plus the weight-level explore scale.
 EXTRA_MUTABLE = {"weight_noise": Bound(float, 0.0, 10.0)}
+# Mutated organism settings are checked together: every combination of their candidate values
+# (each choice's values, each log_uniform range's bounds) must make a valid organism. At most:
+MAX_COMBINATIONS = 16_384
 
 
 @dataclasses.dataclass
@@ -113,10 +118,16 @@ def default_config_path() -> Path:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config: {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"--config: no such file {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"--config: cannot read {path} ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (a YAML file is)") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
@@ -135,7 +146,9 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
         raise ConfigError(f"--set {dotted}: expected section.key=value")
     node = data
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`resources:` alone)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: {part} is not a section")
         node = child
@@ -156,6 +169,9 @@ def build(data: dict, source: str = "") -> RunConfig:
     for section in data:
         if section not in known:
             raise ConfigError(f"{section}: unknown section (known: {', '.join(sorted(known))})")
+    for section, value in data.items():
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{section}: must be a mapping of settings (key: value lines), got {_short(value)}")
     settings = {}
     for section, cls in SECTIONS.items():
         raw = dict(data.get(section) or {})
@@ -163,8 +179,9 @@ def build(data: dict, source: str = "") -> RunConfig:
             raw.pop("mutations", None)
         settings[section] = build_section(section, cls, raw)
     organism_raw = data.get("organism") or {}
-    if not isinstance(organism_raw, dict):
-        raise ConfigError("organism: must be a mapping of organism settings")
+    if "seed" in organism_raw:
+        raise ConfigError("organism.seed: not settable; each organism's seed comes from the run's seed "
+                          "(population.seed, or --seed)")
     checked = OrganismConfig.from_dict(organism_raw, where="organism.").to_dict()  # names, types, ranges
     organism_raw = {key: checked[key] for key in organism_raw}  # as converted (e.g. "1e-3" -> 0.001)
     mutations = _build_mutations((data.get("pbt") or {}).get("mutations") or {}, organism_raw)
@@ -176,6 +193,11 @@ def build(data: dict, source: str = "") -> RunConfig:
         source=source,
     )
     return config
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def build_section(section: str, cls, raw) -> Any:
@@ -195,10 +217,13 @@ def build_section(section: str, cls, raw) -> Any:
 def _check_ray(ray: RaySettings) -> None:
     if not isinstance(ray.dashboard, bool):
         raise ConfigError(f"ray.dashboard: must be true or false, got {ray.dashboard!r}")
-    if ray.dashboard_host == "":
-        raise ConfigError("ray.dashboard_host: must be a host address such as 127.0.0.1")
+    host = ray.dashboard_host
+    if not isinstance(host, str) or not host.strip() or any(c.isspace() for c in host):
+        raise ConfigError(f"ray.dashboard_host: must be a host address such as 127.0.0.1, got {host!r}")
     if not isinstance(ray.loopback_only, bool):
         raise ConfigError(f"ray.loopback_only: must be true or false, got {ray.loopback_only!r}")
+    if ray.dashboard and ray.dashboard_port == ray.metrics_export_port:
+        raise ConfigError(f"ray.metrics_export_port: must differ from ray.dashboard_port ({ray.dashboard_port})")
 
 
 def _check_resources(res: ResourceSettings) -> None:
@@ -246,22 +271,47 @@ def _build_mutations(raw: dict, organism_raw: dict) -> dict[str, Mutation]:
             f"pbt.mutations.prune_threshold: its highest value ({prune_high}) must not exceed the lowest "
             f"grow_threshold ({grow_low}), or an organism could prune more eagerly than it grows"
         )
-    # ...and every other mutated value must make a valid organism with the fixed settings (the
-    # thresholds held at their most permissive mutated values).
-    base = dict(organism_raw)
-    if grow:
-        base["grow_threshold"] = max(grow.values)
-    if prune:
-        base["prune_threshold"] = min(prune.values)
-    for name, mutation in mutations.items():
-        if name not in organism_fields:
-            continue
-        for value in mutation.values:
-            try:
-                OrganismConfig.from_dict(dict(base, **{name: value}))
-            except ConfigError as error:
-                raise ConfigError(f"pbt.mutations.{name}: value {value!r} makes an invalid organism ({error})") from None
+    # ...and every organism PBT could make must be valid with the fixed settings.
+    _check_combinations({n: m for n, m in mutations.items() if n in organism_fields}, organism_raw)
     return mutations
+
+
+def _candidates(mutation: Mutation, every_choice: bool) -> list:
+    """The values of one mutated setting that bound what PBT can give an organism: a range's
+    bounds (PBT clips to them, clip_to_mutation), a choice's values (or, of numbers, the smallest
+    and largest: the organism's cross-field rules are inequalities)."""
+    values = list(dict.fromkeys(mutation.values))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if mutation.kind == "log_uniform" or (numeric and not every_choice):
+        return sorted({min(values), max(values)})
+    return values
+
+
+def _check_combinations(mutations: dict[str, Mutation], organism_raw: dict) -> None:
+    """Every combination of the mutated organism settings' candidate values, with the fixed
+    settings, must make a valid organism (OrganismConfig's cross-field rules): else one line
+    naming the mutations whose values clash."""
+    names = list(mutations)
+    candidates = {n: _candidates(mutations[n], every_choice=True) for n in names}
+    if math.prod(len(v) for v in candidates.values()) > MAX_COMBINATIONS:
+        candidates = {n: _candidates(mutations[n], every_choice=False) for n in names}
+    total = math.prod(len(v) for v in candidates.values())
+    if total > MAX_COMBINATIONS:
+        raise ConfigError(f"pbt.mutations: {len(names)} mutated organism settings make {total} combinations to "
+                          f"check; at most {MAX_COMBINATIONS} (mutate fewer settings)")
+    for combination in itertools.product(*(candidates[n] for n in names)):
+        values = dict(zip(names, combination))
+        try:
+            OrganismConfig.from_dict(dict(organism_raw, **values))
+        except ConfigError as error:
+            message = str(error)
+            # The mutated settings that the organism's complaint names (else all of them).
+            named = [n for n in names if re.search(rf"\b{re.escape(n)}\b", message)] or names
+            lead = next((n for n in named if message.startswith(f"{n}:")), named[0])
+            others = ", ".join(f"{n}={values[n]!r}" for n in named if n != lead)
+            together = f" with {others}" if others else ""
+            raise ConfigError(f"pbt.mutations.{lead}: value {values[lead]!r}{together} makes an invalid "
+                              f"organism ({message})") from None
 
 
 def clip_to_mutation(config: dict, mutations: dict[str, Mutation]) -> dict:
