@@ -24,44 +24,90 @@ from population import worker_setup
 
 RESOLVED_CONFIG = "run_config.json"
 TUNE_DIR = "tune"
+TUNER_STATE = "tuner.pkl"  # Tune writes it when the Tuner is made: the run has started
+# Ray's longest unix socket: <temp dir>/session_<date>_<time>_<microseconds>_<pid>/sockets/plasma_store
+# (64 bytes after the temp dir with a 7-digit pid) must fit AF_UNIX's 107.
+MAX_RAY_TEMP_DIR = 107 - 64
 # How often every Ray process hands its metrics to the exporter: Ray's default. Each hand-over costs
 # every actor CPU: at 2 s the same population ran about 5% slower (see README, Benchmarks).
 METRICS_REPORT_MS = 10_000
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage block), exit 2 like a config error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _share(text: str):
+    """A resource share flag: a number, or auto."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or a number, got {text!r}") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m population.run", description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m population.run", description=__doc__.splitlines()[0])
     p.add_argument("--pop", type=int, help="population size (organisms = trials = actors)")
     p.add_argument("--generations", type=int, help="generations (training iterations)")
     p.add_argument("--config", help="experiment YAML (default: tune_configs/default.yaml)")
     p.add_argument("--output", help="run directory (default: runs/<config>-<time> under the working directory)")
-    p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local instance")
+    p.add_argument("--address", help="join this Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default, or "
+                                     "local: start a local instance of our own, whatever RAY_ADDRESS says)")
     p.add_argument("--seed", type=int, help="seed of the whole run")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
-    p.add_argument("--cpus-per-organism", type=float, help="CPU share of each organism's actor")
-    p.add_argument("--gpus-per-organism", type=float, help="GPU share of each organism's actor (0 for CPU)")
+    p.add_argument("--cpus-per-organism", type=_share, metavar="X",
+                   help="CPU share of each organism's actor, or auto (the cluster's CPUs / population, at most 1)")
+    p.add_argument("--gpus-per-organism", type=_share, metavar="X",
+                   help="GPU share of each organism's actor (0 for CPU), or auto (the cluster's GPUs / "
+                        "population, at most 1)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set population.worlds=8 (repeatable)")
-    p.add_argument("--ray-temp-dir", help="Ray's temporary directory for the local instance")
+    p.add_argument("--ray-temp-dir", metavar="DIR",
+                   help=f"Ray's temporary directory for the local instance (an absolute path of at most "
+                        f"{MAX_RAY_TEMP_DIR} bytes: Ray's sockets live under it)")
     return p.parse_args(argv)
+
+
+def joins_cluster(args) -> bool:
+    """--address names a cluster to join; without it, or with local, the run starts its own
+    local instance (the embedded default: loopback, port checks, token auth)."""
+    return args.address is not None and args.address != "local"
 
 
 def resolve(args) -> tuple[run_config.RunConfig, Path, bool]:
     """Everything checked before Ray starts. Returns (config, run directory, resuming)."""
-    if args.resume:
-        run_dir = Path(args.resume).resolve()
+    for flag, value in (("--config", args.config), ("--output", args.output), ("--resume", args.resume),
+                        ("--address", args.address), ("--ray-temp-dir", args.ray_temp_dir)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{flag}: must not be empty")
+    _check_address(args.address)
+    _check_ray_temp_dir(args.ray_temp_dir)
+    if args.resume is not None:
+        run_dir = Path(args.resume).expanduser().resolve()
         given = [flag for flag, value in (("--pop", args.pop), ("--generations", args.generations),
                  ("--config", args.config), ("--output", args.output), ("--seed", args.seed),
                  ("--set", args.set or None)) if value is not None]
         if given:
             raise ConfigError(f"--resume: continues a run as it was configured; drop {', '.join(given)}")
         saved = run_dir / RESOLVED_CONFIG
-        if not saved.is_file() or not (run_dir / TUNE_DIR).is_dir():
-            raise ConfigError(f"--resume: {run_dir} is not a population.run directory (no {RESOLVED_CONFIG} or {TUNE_DIR}/)")
-        data = json.loads(saved.read_text())
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {run_dir} is not a population.run directory (no {RESOLVED_CONFIG})")
+        data = _read_saved_config(saved)
         _apply_resource_flags(data, args)
-        return run_config.build(data, source=str(saved)), run_dir, True
-    path = Path(args.config) if args.config else run_config.default_config_path()
+        try:
+            config = run_config.build(data, source=str(saved))
+        except ConfigError as error:
+            raise ConfigError(f"--resume: {saved}: {error}") from None
+        # A run that never got as far as Tune is started, as it was configured.
+        started = has_started(run_dir)
+        _check_run_dir(run_dir, "--resume", resuming=started)
+        return config, run_dir, started
+    path = Path(args.config).expanduser() if args.config is not None else run_config.default_config_path()
     data = run_config.load_yaml(path)
     for key, value in (("population.size", args.pop), ("population.generations", args.generations),
                        ("population.seed", args.seed)):
@@ -74,13 +120,95 @@ def resolve(args) -> tuple[run_config.RunConfig, Path, bool]:
         key, raw = item.split("=", 1)
         run_config.apply_override(data, key, run_config.parse_value(raw))
     config = run_config.build(data, source=str(path))
-    if args.output:
-        run_dir = Path(args.output).resolve()
-        if (run_dir / RESOLVED_CONFIG).exists():
-            raise ConfigError(f"--output: {run_dir} already holds a run; use --resume {run_dir} to continue it")
+    if args.output is not None:
+        run_dir = Path(args.output).expanduser().resolve()
     else:
         run_dir = Path.cwd() / "runs" / f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_run_dir(run_dir, "--output")
     return config, run_dir, False
+
+
+def has_started(run_dir: Path) -> bool:
+    """Whether Tune has started the run in run_dir (the test of ``Tuner.can_restore``). A run
+    directory whose run never got that far (Ray did not start, say) is not a run to resume: the
+    next start with the same --output, or --resume, starts it afresh."""
+    return (run_dir / TUNE_DIR / TUNER_STATE).is_file()
+
+
+def _check_run_dir(run_dir: Path, flag: str, resuming: bool = False) -> None:
+    """The run's directory: one we can create or write, and, for a new run, not holding a started one."""
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"{flag}: {run_dir} exists and is not a directory")
+        existing = run_dir
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{flag}: cannot create {run_dir}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag}: cannot write {run_dir}: {existing} is not writable")
+        if not resuming and has_started(run_dir):
+            raise ConfigError(f"{flag}: {run_dir} already holds a run; use --resume {run_dir} to continue it")
+    except OSError as error:
+        raise ConfigError(f"{flag}: cannot use {run_dir} ({error.strerror})") from None
+
+
+def _read_saved_config(saved: Path) -> dict:
+    try:
+        data = json.loads(saved.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"--resume: cannot read {saved} ({error.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConfigError(f"--resume: {saved} is not valid JSON (a damaged run directory)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--resume: {saved} must hold a mapping of sections (a damaged run directory)")
+    organism = data.get("organism")
+    if isinstance(organism, dict):
+        # Runs before organism.seed was refused may hold one: it never took effect (each organism's
+        # seed comes from the run's), so it is dropped.
+        organism.pop("seed", None)
+    return data
+
+
+def _check_address(address: str | None) -> None:
+    """The forms ray.init takes: auto, local, HOST:PORT, ray://HOST:PORT."""
+    if address is None or address in ("auto", "local"):
+        return
+    rest = address.removeprefix("ray://")
+    host, _, port = rest.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    ok = (bool(host) and not any(c.isspace() or c in "/[]" for c in host) and port.isdigit()
+          and 1 <= int(port) <= 65535 and ("://" not in address or address.startswith("ray://"))
+          and ("[" in rest or ":" not in host))
+    if not ok:
+        raise ConfigError(f"--address: must be auto, local, HOST:PORT or ray://HOST:PORT, got {address!r}")
+
+
+def _check_ray_temp_dir(temp_dir: str | None) -> None:
+    """Ray refuses a relative temp dir (after the run directory was made, with a traceback), and
+    its unix sockets under it must fit AF_UNIX's 107 bytes."""
+    if temp_dir is None:
+        return
+    if not os.path.isabs(os.path.expanduser(temp_dir)):
+        raise ConfigError(f"--ray-temp-dir: must be an absolute path, got {temp_dir!r}")
+    path = Path(os.path.expanduser(temp_dir))
+    if len(str(path).encode()) > MAX_RAY_TEMP_DIR:
+        raise ConfigError(f"--ray-temp-dir: must be at most {MAX_RAY_TEMP_DIR} bytes long (Ray's unix sockets "
+                          f"live under it), got {len(str(path).encode())}: {temp_dir}")
+    venv = os.environ.get("VIRTUAL_ENV")
+    if venv and path.resolve().is_relative_to(Path(venv).resolve()):
+        raise ConfigError(f"--ray-temp-dir: must not lie inside the virtualenv {venv}, got {temp_dir}")
+    try:
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"--ray-temp-dir: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"--ray-temp-dir: {existing} is not writable")
+    except OSError as error:
+        raise ConfigError(f"--ray-temp-dir: cannot use {temp_dir} ({error.strerror})") from None
 
 
 def _apply_resource_flags(data: dict, args) -> None:
@@ -92,15 +220,16 @@ def _apply_resource_flags(data: dict, args) -> None:
 
 def start_ray(config: run_config.RunConfig, args):
     """Starts or joins Ray; returns ``ray.init``'s context (it knows the dashboard's address)."""
-    if args.address:
-        import ray
-
-        return ray.init(address=args.address, log_to_driver=True, runtime_env=worker_setup.runtime_env())
-    # The embedded default: a local instance with Ray's token auth (on by default for a new local
-    # cluster in Ray 2.60), on loopback only when ray.loopback_only (see keep_ray_on_loopback).
     import ray
 
+    if joins_cluster(args):
+        return ray.init(address=args.address, log_to_driver=True, runtime_env=worker_setup.runtime_env())
+    # The embedded default: a local instance of its own (address "local": Ray would otherwise join
+    # the cluster that RAY_ADDRESS or an earlier `ray start` names), with Ray's token auth (on by
+    # default for a new local cluster in Ray 2.60), on loopback only when ray.loopback_only (see
+    # keep_ray_on_loopback).
     return ray.init(
+        address="local",
         # Without it the exporter still serves every metric (it lives in Ray's per-node agent).
         include_dashboard=config.ray.dashboard,
         dashboard_host=config.ray.dashboard_host,
@@ -109,27 +238,44 @@ def start_ray(config: run_config.RunConfig, args):
         _node_ip_address="127.0.0.1" if config.ray.loopback_only else None,
         _metrics_export_port=config.ray.metrics_export_port,
         _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS},
-        _temp_dir=args.ray_temp_dir,
+        _temp_dir=os.path.expanduser(args.ray_temp_dir) if args.ray_temp_dir else None,
         log_to_driver=True,
         # Each worker defers the driver's parts of Tune (about 60 MB an actor).
         runtime_env=worker_setup.runtime_env(),
     )
 
 
-def check_ports_free(config: run_config.RunConfig, args) -> None:
-    """The local instance's metrics port, and its dashboard port when ray.dashboard is on, must
-    be free before Ray starts: Ray itself fails on a busy dashboard port with a long traceback,
-    after starting its servers.
+def check_local_instance(config: run_config.RunConfig, args) -> None:
+    """The local instance's settings, checked where Ray would fail late, with a traceback: the
+    dashboard's host must resolve, and with ray.loopback_only be a loopback address (refused,
+    rather than one of the two settings silently winning). Its metrics port, and its dashboard
+    port when ray.dashboard is on, must be free before Ray starts: Ray itself fails on a busy
+    dashboard port with a long traceback, after starting its servers.
     A finished run keeps both for ``ray.metrics_linger_seconds``. Raises ConfigError."""
-    if args.address:
+    if joins_cluster(args):
         return
+    import ipaddress
     import socket
 
+    host = config.ray.dashboard_host
+    if config.ray.dashboard:
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+        except (socket.gaierror, UnicodeError) as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            raise ConfigError(f"ray.dashboard_host: {host!r} is not a resolvable host address ({reason}); "
+                              f"use an address such as 127.0.0.1") from None
+        if config.ray.loopback_only and not all(
+                ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+            raise ConfigError(
+                f"ray.dashboard_host: {host} is not a loopback address, but ray.loopback_only is true "
+                f"(every Ray server on 127.0.0.1 only); use 127.0.0.1, or also --set ray.loopback_only=false "
+                f"to let Ray listen beyond it")
     # The metrics exporter listens on every interface unless ray.loopback_only keeps it on 127.0.0.1.
     metrics_host = "127.0.0.1" if config.ray.loopback_only else "0.0.0.0"
     ports = [("metrics_export_port", metrics_host, config.ray.metrics_export_port)]
     if config.ray.dashboard:
-        ports.insert(0, ("dashboard_port", config.ray.dashboard_host, config.ray.dashboard_port))
+        ports.insert(0, ("dashboard_port", host, config.ray.dashboard_port))
     for key, host, port in ports:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
             # As the servers themselves bind: a port left in TIME_WAIT by a finished run is free.
@@ -150,7 +296,7 @@ def keep_ray_on_loopback(config: run_config.RunConfig, args) -> None:
     replaces 127.0.0.1 with the machine's routable address; this switch (read when ray is
     imported, so it must come first) keeps the loopback one. Other machines cannot join such an
     instance; for a cluster use `ray start` and --address."""
-    if args.address or not config.ray.loopback_only:
+    if joins_cluster(args) or not config.ray.loopback_only:
         return
     if "ray" in sys.modules:
         raise RuntimeError("keep_ray_on_loopback must run before ray is imported")
@@ -159,13 +305,13 @@ def keep_ray_on_loopback(config: run_config.RunConfig, args) -> None:
 
 def print_endpoints(config: run_config.RunConfig, args, context) -> None:
     dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "not running"
-    if not args.address and not config.ray.dashboard:
-        dashboard = "off (ray.dashboard: false)"
-    if args.address:
+    if joins_cluster(args):
         print(f"Ray cluster: {args.address}  dashboard: {dashboard}", flush=True)
-    else:
-        print(f"Ray dashboard: {dashboard}  metrics for Prometheus: "
-              f"http://127.0.0.1:{config.ray.metrics_export_port}/metrics", flush=True)
+        return
+    if not config.ray.dashboard:
+        dashboard = "off (ray.dashboard: false)"
+    print(f"Ray dashboard: {dashboard}  metrics for Prometheus: "
+          f"http://127.0.0.1:{config.ray.metrics_export_port}/metrics", flush=True)
 
 
 def organism_resources(config: run_config.RunConfig) -> dict:
@@ -355,7 +501,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config, run_dir, resume = resolve(args)
-        check_ports_free(config, args)
+        check_local_instance(config, args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -366,15 +512,18 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # build_tuner names its loggers
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / RESOLVED_CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
     print(f"run directory: {run_dir}", flush=True)
+    if args.resume is not None and not resume:
+        print(f"{run_dir} never started (no {TUNE_DIR}/{TUNER_STATE}): starting it as {RESOLVED_CONFIG} says",
+              flush=True)
     print(
         f"{'resuming' if resume else 'starting'}: {config.population.size} organisms x "
         f"{config.population.generations} generations, PBT every {config.pbt.perturbation_interval}",
         flush=True,
     )
+    if not joins_cluster(args) and os.environ.get("RAY_ADDRESS"):
+        print(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is ignored: this run starts a local Ray instance of "
+              f"its own (--address auto joins that cluster)", flush=True)
 
     keep_ray_on_loopback(config, args)
     import ray
@@ -382,8 +531,19 @@ def main(argv=None) -> int:
     from population.trainable import quiet_tune_logs
 
     quiet_tune_logs()
-    context = start_ray(config, args)
     try:
+        context = start_ray(config, args)
+    except (OSError, ValueError) as error:  # e.g. --address auto with no cluster to join
+        ray.shutdown()
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        where = f"--address {args.address}" if joins_cluster(args) else "the local instance"
+        print(f"error: Ray did not start ({where}): {reason}", file=sys.stderr)
+        return 1
+    try:
+        # Only now the run directory: a start that fails before Ray is up leaves nothing behind.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / RESOLVED_CONFIG).write_text(json.dumps(config.to_dict(), indent=1))
         res = organism_resources(config)
         print_endpoints(config, args, context)
         print(f"resources per organism: {res['cpu']:g} CPU, {res['gpu']:g} GPU "
