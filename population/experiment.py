@@ -32,6 +32,7 @@ import numpy as np
 from gsnn.config import ConfigError
 from population import config as run_config
 from population import experiment_config as xc
+from population import run as population_run
 from population import worker_setup
 
 BUDGETS_HELP = "named budget from the config's budgets section: smoke (for the tests), quick (~10 min), default (~30-50 min on 2 cores)"
@@ -47,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", help="run folder for the PBT runs (default: runs/hypothesis-<time>)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set experiment.episodes=20 (repeatable)")
-    p.add_argument("--address", help="join this Ray cluster instead of starting a local instance")
+    p.add_argument("--address", help="join this Ray cluster (HOST:PORT, ray://HOST:PORT or auto) instead of "
+                                     "starting a local instance on 127.0.0.1")
     p.add_argument("--ray-temp-dir", help="Ray's temporary directory for the local instance")
     return p.parse_args(argv)
 
@@ -65,6 +67,8 @@ def resolve(args) -> tuple[xc.ExperimentConfig, Path, Path]:
         key, raw = item.split("=", 1)
         overrides.append((key, run_config.parse_value(raw)))
     config = xc.load(args.config, args.budget, overrides)
+    population_run._check_address(args.address)
+    population_run._check_ray_temp_dir(args.ray_temp_dir)
     results = Path(args.results).resolve()
     if results.exists() and not results.is_dir():
         raise ConfigError(f"--results: {results} is not a folder")
@@ -243,15 +247,24 @@ def main(argv=None) -> int:
     print(f"results: {results_dir}; work folder: {workdir}", flush=True)
     workdir.mkdir(parents=True, exist_ok=True)
 
+    local = not population_run.joins_cluster(args)
+    if local:  # every server of the local instance on 127.0.0.1, as population.run's default
+        if "ray" in sys.modules:
+            raise RuntimeError("the loopback switch must be set before ray is imported")
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
     import ray
 
     from population.trainable import quiet_tune_logs
 
     quiet_tune_logs()
-    if args.address:
+    if not local:
         ray.init(address=args.address, log_to_driver=True, runtime_env=worker_setup.runtime_env())
     else:
-        ray.init(include_dashboard=False, _metrics_export_port=free_port(), _temp_dir=args.ray_temp_dir,
+        # address "local": a local instance of its own, never the cluster RAY_ADDRESS names
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _metrics_export_port=free_port(),
+                 _temp_dir=os.path.expanduser(args.ray_temp_dir) if args.ray_temp_dir else None,
                  log_to_driver=True, runtime_env=worker_setup.runtime_env())
     say = lambda line: print(line, flush=True)  # noqa: E731
     runs: dict[str, list] = {arm: [None] * e.seeds for arm in arms}
