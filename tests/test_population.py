@@ -42,14 +42,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on: the command name may hold spaces and parentheses."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def descendants(pid: int) -> list[int]:
     children = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
             children.setdefault(int(fields[1]), []).append(int(entry))
     out, stack = [], [pid]
     while stack:
@@ -66,8 +70,82 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def refers_to(pid: int, marker: str) -> bool:
+    """Whether process ``pid`` names ``marker`` in its command line, environment, working
+    directory or open files. A Ray worker rewrites its command line (``ray::IDLE``,
+    ``ray::OrganismTrainable``) but keeps its log files open in its Ray temp dir."""
+    if marker in cmdline(pid):
+        return True
+    try:
+        if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+            return True
+        links = [f"/proc/{pid}/cwd", *(f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd"))]
+    except OSError:
+        return False
+    for link in links:
+        try:
+            if marker in os.readlink(link):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in "ZX"
+
+
 def processes_using(marker: str) -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and marker in cmdline(int(p))]
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and refers_to(int(p), marker)]
+
+
+def session(process: subprocess.Popen) -> tuple[int, str]:
+    """The session a command started with start_new_session=True leads: its PID and its leader's
+    start time (to tell it from a later process that reuses the PID once the session is empty)."""
+    return process.pid, (_stat(process.pid) or [""] * 20)[19]
+
+
+def ray_processes(marker: str, sessions=()) -> list[int]:
+    """The live processes of a Ray instance a test started: those that refer to its temp dir
+    ``marker`` (see refers_to), and every member of ``sessions`` (see session: Ray's servers and
+    workers stay in the session of the command that started them, after it is gone too).
+    Zombies are left out (they hold nothing); so are this process and its ancestors."""
+    ours = set()
+    for sid, start in sessions:
+        leader = _stat(sid)
+        if leader is None or leader[19] == start:  # else the PID now names another process
+            ours.add(sid)
+    spared, pid = set(), os.getpid()
+    while pid > 0 and pid not in spared:
+        spared.add(pid)
+        pid = int((_stat(pid) or [0, 0])[1])
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in spared:
+            continue
+        fields = _stat(int(entry))
+        if fields is None or fields[0] in "ZX":
+            continue
+        if int(fields[3]) in ours or refers_to(int(entry), marker):
+            found.append(int(entry))
+    return found
+
+
+def kill_ray_processes(marker: str, sessions=(), timeout: float = 30) -> dict[int, str]:
+    """SIGKILL every process of the Ray instance (ray_processes) until none is left; returns the
+    killed ones (PID -> command line). Fails if any is still there after ``timeout`` seconds."""
+    killed, deadline = {}, time.monotonic() + timeout
+    while pids := ray_processes(marker, sessions):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes of the Ray instance in {marker} outlived SIGKILL: "
+                                 f"{ {p: cmdline(p) for p in pids} }")
+        for pid in pids:
+            killed.setdefault(pid, cmdline(pid))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    return killed
 
 
 class Run:
@@ -77,38 +155,130 @@ class Run:
         self.ray_dir = tempfile.mkdtemp(prefix="gsnn-ray-", dir="/tmp")
         self.run_dir = tmp_path / "run"
         self.args = list(args)
-        self.process = None
+        self.process = self.session = None
 
-    def start(self, *extra: str) -> "Run":
+    def start(self, *extra: str, env: dict | None = None) -> "Run":
         command = [sys.executable, "-m", "population.run", *extra, "--ray-temp-dir", self.ray_dir]
+        # A session of its own: every process of its Ray instance stays in it (ray_processes).
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, start_new_session=True)
+                                        text=True, start_new_session=True, env=dict(os.environ, **(env or {})))
+        self.session = session(self.process)
         return self
 
-    def fresh(self) -> "Run":
-        return self.start("--pop", str(POP), "--generations", str(GENERATIONS), "--output", str(self.run_dir),
+    def fresh(self, generations: int = GENERATIONS, env: dict | None = None) -> "Run":
+        return self.start("--pop", str(POP), "--generations", str(generations), "--output", str(self.run_dir),
                           "--set", f"ray.metrics_export_port={free_port()}",
-                          "--set", f"ray.dashboard_port={free_port()}", *TINY, *self.args)
+                          "--set", f"ray.dashboard_port={free_port()}", *TINY, *self.args, env=env)
 
     def wait(self, timeout=240) -> tuple[int, str]:
         out, _ = self.process.communicate(timeout=timeout)
         return self.process.returncode, out
 
     def rows(self) -> list[dict]:
-        path = self.run_dir / "generations.csv"
-        return list(csv.DictReader(open(path))) if path.exists() else []
+        return read_csv(self.run_dir / "generations.csv")
 
-    def kill_everything(self):
-        pids = set(processes_using(self.ray_dir))
-        if self.process and self.process.poll() is None:
-            pids |= {self.process.pid, *descendants(self.process.pid)}
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self.process is None or self.process.poll() is not None:
-            shutil.rmtree(self.ray_dir, ignore_errors=True)
+    def kill_everything(self) -> dict[int, str]:
+        """SIGKILL the driver and every process of its Ray instance, found by PID whether the
+        driver still runs or not (ray_processes), until none is left. Returns the killed ones."""
+        killed = kill_ray_processes(self.ray_dir, [self.session] if self.session else [])
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=30)
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
+        return killed
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# -- what each generation started from ---------------------------------------------------------------
+# An organism's checkpoint carries its hidden size and its cumulative growth and pruning counters,
+# and each row of generations.csv records them at the end of its generation. So along a lineage
+# (an organism and the checkpoints it is restored or copied from) the counters never decrease, and
+# its founding size, hidden - neurons added + neurons removed, never changes. Tune's results
+# (result.json) also record this generation's growth and pruning, which gives the organism a
+# generation started from exactly; but Tune rewrites a trial's result.json with its stored copy
+# whenever it restores the trial, and on a local run that copy is the file itself: only the
+# results since the trial's last restore survive.
+COUNTERS = ("grow_events", "neurons_added", "prune_events", "neurons_removed")
+
+
+def state_after(record: dict) -> tuple[int, ...]:
+    """(hidden neurons, grow events, neurons added, prune events, neurons removed) at the end of a
+    generation, from a row of generations.csv or a Tune result."""
+    return (int(record["hidden_neurons"]), *(int(record[f"{c}_total"]) for c in COUNTERS))
+
+
+def state_before(result: dict) -> tuple[int, ...]:
+    """The same at the start of a Tune result's generation: its end less this generation's growth
+    and pruning."""
+    return (int(result["hidden_neurons"]) - int(result["neurons_added_this_generation"])
+            + int(result["neurons_removed_this_generation"]),
+            *(int(result[f"{c}_total"]) - int(result[f"{c}_this_generation"]) for c in COUNTERS))
+
+
+def founding_size(state: tuple[int, ...]) -> int:
+    hidden, _, added, _, removed = state
+    return hidden - added + removed
+
+
+def tune_results(run_dir: Path) -> list[dict]:
+    """The results Tune still has (tune/*/result.json; see above). A line cut short by a killed
+    driver is skipped."""
+    results = []
+    for path in sorted((run_dir / "tune").glob("*/result.json")):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                results.append(json.loads(line))
+    return results
+
+
+def check_lineages(run_dir: Path, *earlier_rows: dict) -> list[dict]:
+    """Every generation a trial computed started from the organism it had to: generation 1 from a
+    fresh one, generation g from the organism at the end of generation g-1 of its lineage: its
+    own (restored from its checkpoint after a restart), or, after a PBT exploit, the copied
+    trial's (exploited_from). Each row of generations.csv and replayed_generations.csv (and
+    ``earlier_rows``) continues a state of its lineage at g-1 (the same founding size, no counter
+    lower); each result Tune still has started exactly from one (a fresh organism: no growth or
+    pruning yet, the trial's init_hidden). Returns Tune's results."""
+    rows = [*read_csv(run_dir / "generations.csv"), *read_csv(run_dir / "replayed_generations.csv"), *earlier_rows]
+    results = tune_results(run_dir)
+    ends: dict[tuple[str, int], set] = {}
+    for record in [*rows, *results]:
+        ends.setdefault((record["trial_id"], int(record["generation"])), set()).add(state_after(record))
+
+    def lineage_end(record):
+        generation = int(record["generation"])
+        lineage = record["exploited_from"] or record["trial_id"]
+        where = (f"trial {record['trial_id']} generation {generation} (actor {record['actor_pid']}, "
+                 f"exploited from {record['exploited_from'] or 'none'})")
+        return ends.get((lineage, generation - 1), set()), where, lineage
+
+    for row in rows:
+        if int(row["generation"]) == 1 or row.get("inherited_from"):
+            continue
+        end, where, lineage = lineage_end(row)
+        state = state_after(row)
+        assert any(founding_size(p) == founding_size(state) and all(a >= b for a, b in zip(state[1:], p[1:]))
+                   for p in end), (
+            f"{where} ended as {state}: not a continuation of {lineage} after the generation before, "
+            f"{sorted(end)} (hidden neurons, grow events, neurons added, prune events, neurons removed)")
+    for result in results:
+        began = state_before(result)
+        if int(result["generation"]) == 1:
+            config = result["config"]
+            init_hidden = config.get("init_hidden", config["run"]["organism"].get("init_hidden"))
+            assert not result["exploited_from"] and began[1:] == (0, 0, 0, 0), (result["trial_id"], began)
+            assert init_hidden is None or began[0] == init_hidden, (result["trial_id"], began, init_hidden)
+            continue
+        end, where, lineage = lineage_end(result)
+        assert began in end, (f"{where} began as {began}, not as {lineage}'s organism after the generation "
+                              f"before: {sorted(end)}")
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +337,17 @@ def test_pbt_mutates_thresholds_and_exploits_across_sizes(tiny_run):
     assert exploits, "PBT never exploited"
     across = [r for r in exploits if r["exploit_source_hidden_neurons"] != r["exploit_own_hidden_neurons"]]
     assert across, "no exploit copied an organism of another size"
-    # The exploiting trial really carries the source's organism: its size continues from the source's.
-    assert all(int(r["exploit_source_hidden_neurons"]) >= 32 for r in across)
+    # The exploiting trial really carries the source's organism, not its own nor a fresh one: the
+    # generation after each exploit continued the source's organism at its checkpoint (the same
+    # founding size, its growth and pruning counters carried on), and every other generation its
+    # own (check_lineages). Where Tune still has the exploit's result, the generation began with
+    # exactly the source's size and counters.
+    results = check_lineages(run.run_dir)
+    began = {(r["trial_id"], float(r["finished_at"])): state_before(r) for r in results}
+    for row in across:
+        if (row["trial_id"], float(row["finished_at"])) in began:
+            hidden = began[(row["trial_id"], float(row["finished_at"]))][0]
+            assert hidden == int(row["exploit_source_hidden_neurons"]) != int(row["exploit_own_hidden_neurons"]), row
 
 
 def test_config_errors_are_one_line_before_ray_starts(tmp_path):
@@ -188,14 +367,24 @@ def test_config_errors_are_one_line_before_ray_starts(tmp_path):
         (["--set", "organism.learning_rate=2.0"], "error: organism.learning_rate: must be a number in [1e-07, 1.0], got 2.0"),
         (["--set", "ray.dashboard=maybe"], "error: ray.dashboard: must be true or false, got 'maybe'"),
     ]
-    for args, expected in cases:
-        start = time.time()
-        out = subprocess.run([sys.executable, "-m", "population.run", *args], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2, (args, out.stdout, out.stderr)
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(expected), (args, lines)
-        assert "Traceback" not in out.stderr and "run directory" not in out.stdout
-        assert time.time() - start < 30
+    # No Ray started: Ray would have created its temp dir (sessions, sockets, logs) and left
+    # processes in the command's session.
+    ray_dir = Path(tempfile.mkdtemp(prefix="gsnn-ray-", dir="/tmp")) / "ray"
+    try:
+        for args, expected in cases:
+            process = subprocess.Popen([sys.executable, "-m", "population.run", *args, "--ray-temp-dir", str(ray_dir)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       start_new_session=True)
+            leader = session(process)
+            stdout, stderr = process.communicate(timeout=120)
+            assert process.returncode == 2, (args, stdout, stderr)
+            lines = stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(expected), (args, lines)
+            assert "Traceback" not in stderr and "run directory" not in stdout
+            started = kill_ray_processes(str(ray_dir), [leader])
+            assert not ray_dir.exists() and not started, (args, started)
+    finally:
+        shutil.rmtree(ray_dir.parent, ignore_errors=True)
 
 
 def test_a_busy_port_is_one_line_before_ray_starts(tmp_path):
@@ -270,33 +459,60 @@ def wait_for_generation(run: Run, generation: int, timeout=180):
         if len(done) >= POP:
             return
         assert run.process.poll() is None, run.process.stdout.read()
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"generation {generation} not reached in {timeout} s")
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):
-    run = Run(tmp_path)
+    """The driver, the local Ray instance and the actors are killed (as if the machine went down);
+    --resume continues every organism from its checkpoint: the rows of the generations each had
+    checkpointed are kept as written before the kill (same actor, same time), each organism's
+    next generation starts from its checkpointed organism (size and growth/prune counters) and
+    not a fresh one, and no computed generation's row is lost.
+
+    PBT is off here (its exploits may replay generations; tested above), so a replaced row is
+    recomputed work. Tune records which checkpoint each trial has in an experiment snapshot that
+    it writes at most every 10 s by default (TUNE_GLOBAL_CHECKPOINT_S=auto), and this tiny run's
+    first generations come sooner: the killed driver snapshots at every step."""
+    generations = 2 * GENERATIONS  # room for the kill at generation 2
+    run, resumed = Run(tmp_path, "--set", f"pbt.perturbation_interval={10 * generations}"), None
     try:
-        run.fresh()
+        run.fresh(generations=generations, env={"TUNE_GLOBAL_CHECKPOINT_S": "0"})
         wait_for_generation(run, 2)
-        run.kill_everything()  # driver, local Ray and actors: as if the machine went down
-        run.process.wait(timeout=30)
+        actors = {int(r["actor_pid"]) for r in run.rows()}
+        actors = {pid for pid in actors if cmdline(pid).startswith("ray::")}  # alive, Ray's title
+        killed = run.kill_everything()  # driver, local Ray and actors: as if the machine went down
         rows_before = run.rows()
-        assert 0 < len(rows_before) < POP * GENERATIONS
+        assert 0 < len(rows_before) < POP * generations
         resumed = Run(tmp_path)
         resumed.run_dir = run.run_dir
+        resumed_at = time.time()
         code, out = resumed.start("--resume", str(run.run_dir)).wait()
-        resumed.kill_everything()
     finally:
         run.kill_everything()
+        if resumed is not None:
+            resumed.kill_everything()
+    # The organisms' actors, whose command lines Ray rewrites, were found and killed by PID (an
+    # actor whose trial had just finished may have ended on its own).
+    assert actors & killed.keys() and not any(alive(pid) for pid in actors), (actors, killed)
     assert code == 0, out
     assert "resuming" in out
     rows = resumed.rows()
-    assert_complete(rows)
-    # Finished generations were kept: every generation-1 row is the one written before the kill.
-    before = {(r["trial_id"], r["generation"]): r["fitness"] for r in rows_before if r["generation"] == "1"}
-    after = {(r["trial_id"], r["generation"]): r["fitness"] for r in rows if r["generation"] == "1"}
-    assert before == after
+    assert_complete(rows, generations=generations)
+    key = lambda r: (r["trial_id"], int(r["generation"]))  # noqa: E731
+    same = lambda a, b: (a["actor_pid"], a["finished_at"]) == (b["actor_pid"], b["finished_at"])  # noqa: E731
+    before, after = {key(r): r for r in rows_before}, {key(r): r for r in rows}
+    replayed = read_csv(run.run_dir / "replayed_generations.csv")
+    for k, row in before.items():  # each still there, or kept apart as replayed
+        assert same(after[k], row) or any(key(r) == k and same(r, row) for r in replayed), (k, row)
+    for trial in {t for t, _ in after}:
+        computed = sorted(g for (t, g), r in after.items() if t == trial and float(r["finished_at"]) > resumed_at)
+        first = computed[0] if computed else generations + 1
+        assert first > 1, f"{trial} started again from generation 1 after --resume"
+        for g in range(1, first):
+            assert same(after[(trial, g)], before[(trial, g)]), f"{trial} generation {g} recomputed"
+    results = check_lineages(run.run_dir, *rows_before)
+    assert any(r["finished_at"] > resumed_at for r in results)
 
 
 def maps_pandas(pid: int) -> bool | None:
@@ -305,6 +521,25 @@ def maps_pandas(pid: int) -> bool | None:
         return "/pandas/_libs/" in Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return None
+
+
+def organism_to_kill(run: Run, last_generation: int, timeout=120) -> tuple[int, str]:
+    """(PID, trial) of a live organism actor in the middle of its trial's run: the trial has
+    reported generation 2 or later (so Tune has its first checkpoint), and not its last."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        latest = {}
+        for row in run.rows():
+            if int(row["generation"]) > int(latest.get(row["trial_id"], {"generation": 0})["generation"]):
+                latest[row["trial_id"]] = row
+        candidates = sorted((int(r["generation"]), int(r["actor_pid"]), t) for t, r in latest.items()
+                            if 2 <= int(r["generation"]) < last_generation
+                            and cmdline(int(r["actor_pid"])).startswith("ray::"))
+        if candidates:
+            return candidates[0][1], candidates[0][2]
+        assert run.process.poll() is None, run.process.stdout.read()
+        time.sleep(0.2)
+    raise AssertionError(f"no organism actor in the middle of its run in {timeout} s")
 
 
 def test_a_killed_actor_is_restored_from_its_checkpoint(tmp_path):
@@ -319,21 +554,36 @@ def test_a_killed_actor_is_restored_from_its_checkpoint(tmp_path):
                     seen.setdefault(pid, set()).add(mapped)
 
     try:
-        run.fresh()
+        run.fresh(generations=GENERATIONS + 2)  # room after the kill: the victim's trial is mid-run
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         wait_for_generation(run, 1)
-        actors = [p for p in descendants(run.process.pid) if "Trainable" in cmdline(p)]
-        assert actors, "no organism actor found"
+        victim, victim_trial = organism_to_kill(run, last_generation=GENERATIONS + 2)
         driver_has_pandas = maps_pandas(run.process.pid)
-        os.kill(actors[0], signal.SIGKILL)
+        killed_at = time.time()
+        os.kill(victim, signal.SIGKILL)
         code, out = run.wait()
     finally:
         done.set()
         run.kill_everything()
     assert code == 0, out
     rows = run.rows()
-    assert_complete(rows)
+    assert_complete(rows, generations=GENERATIONS + 2)
+    # The kill failed the trial the actor was computing, and Tune restored it (Tune's saved state
+    # counts each trial's failures)...
+    state = json.loads(max((run.run_dir / "tune").glob("experiment_state-*.json")).read_text())
+    failures = {json.loads(trial)["trial_id"]: json.loads(runtime)["num_failures"]
+                for trial, runtime in state["trial_data"]}
+    assert sum(failures.values()) >= 1, f"killing actor {victim} (trial {victim_trial}) failed no trial: {failures}"
+    # ...from its checkpoint: its next generation continued its checkpointed organism (check_lineages:
+    # size and growth/prune counters), it did not start again as a fresh organism at generation 1.
+    check_lineages(run.run_dir)
+    computed = rows + read_csv(run.run_dir / "replayed_generations.csv")
+    for trial in (t for t, n in failures.items() if n):
+        later = sorted((r for r in computed if r["trial_id"] == trial and float(r["finished_at"]) > killed_at),
+                       key=lambda r: float(r["finished_at"]))
+        assert later, f"trial {trial} computed nothing after its actor {victim} was killed"
+        assert int(later[0]["generation"]) > 1 and int(later[0]["actor_pid"]) != victim, later[0]
     # Every organism actor, through PBT's exploits and the restore, ran without the driver's parts
     # of Tune (population/worker_setup.py); the Tune driver has them. (A restored trial may run in
     # a new process or in an actor Tune reuses; an actor Tune drops before it has computed
@@ -355,43 +605,64 @@ def catches_sigterm(pid):
     mask = next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigCgt:")).split()[1]
     return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
 
+def mark_python_exit(self, path):  # runs in the actor: Python's exit path writes the file
+    import atexit
+    atexit.register(lambda: open(path, "w").write("python exited"))
+    return os.getpid()
+
 ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=sys.argv[1],
          log_to_driver=False)
 actor = ray.remote(num_cpus=0)(OrganismTrainable).remote(config={"run": run_config.build({}).to_dict(),
                                                                    "trial_index": 0})
-pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+marker = os.path.join(sys.argv[1], "python-exited")
+pid = ray.get(actor.__ray_call__.remote(mark_python_exit, marker))
 out = {"before": catches_sigterm(pid)}
-ray.get(actor.stop.remote())  # what Tune calls before it lets the actor go
+if sys.argv[2] == "stop":
+    ray.get(actor.stop.remote())  # what Tune calls before it lets the actor go
 out["after"] = catches_sigterm(pid)
-start = time.monotonic()
 os.kill(pid, signal.SIGTERM)  # what the raylet sends a worker that disconnects
-while time.monotonic() - start < 10 and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+# Until the actor is gone (the raylet, its parent, reaps it) or a zombie. A hang guard only.
+deadline, out["ended"] = time.monotonic() + 60, False
+while time.monotonic() < deadline and not out["ended"]:
+    try:
+        out["ended"] = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        out["ended"] = True
     time.sleep(0.01)
-out["seconds"] = time.monotonic() - start
+out["python_exited"] = os.path.exists(marker)
 print(json.dumps(out), flush=True)
 os._exit(0)  # the test stops the instance's processes
 """
 
 
-def test_a_stopped_organism_actor_ends_quietly_on_sigterm(tmp_path):
-    """Once Tune has stopped a trial (Trainable.stop, then cleanup), the raylet's SIGTERM ends
-    the actor at once; under Ray's own handler it raised SystemExit wherever Python was, and a
-    default run's console showed "Exception ignored ... SystemExit: 1" tracebacks."""
+def stop_actor_and_sigterm(tmp_path: Path, stop: bool) -> dict:
+    """STOPPED_ACTOR in a subprocess with its own Ray instance, every process of which is killed
+    afterwards (by PID)."""
     ray_dir = tempfile.mkdtemp(prefix="gsnn-ray-", dir="/tmp")
     try:
-        done = subprocess.run([sys.executable, "-c", STOPPED_ACTOR, ray_dir], capture_output=True, text=True,
-                              timeout=120, cwd=Path(__file__).resolve().parent.parent,
-                              env=dict(os.environ, HOME=str(tmp_path)))
-        assert done.returncode == 0, done.stderr[-3000:]
-        out = json.loads(done.stdout.strip().splitlines()[-1])
+        process = subprocess.Popen([sys.executable, "-c", STOPPED_ACTOR, ray_dir, "stop" if stop else "no-stop"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   cwd=Path(__file__).resolve().parent.parent,
+                                   env=dict(os.environ, HOME=str(tmp_path)), start_new_session=True)
+        leader = session(process)
+        stdout, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr[-3000:]
+        return json.loads(stdout.strip().splitlines()[-1])
     finally:
-        for pid in processes_using(ray_dir):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_ray_processes(ray_dir, [leader])
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_a_stopped_organism_actor_ends_quietly_on_sigterm(tmp_path):
+    """Once Tune has stopped a trial (Trainable.stop, then cleanup), the raylet's SIGTERM ends
+    the actor by the signal itself: no Python code runs (its atexit hook, registered in the actor,
+    writes nothing). Under Ray's own handler it raised SystemExit wherever Python was, and a
+    default run's console showed "Exception ignored ... SystemExit: 1" tracebacks."""
+    out = stop_actor_and_sigterm(tmp_path, stop=True)
     assert out["before"] is True  # a live actor keeps Ray's handler (a graceful SystemExit)
     assert out["after"] is False
-    assert out["seconds"] < 1.0
+    assert out["ended"], "the stopped actor was still running 60 s after SIGTERM"
+    assert out["python_exited"] is False, "Python's exit path ran: SIGTERM was handled, not fatal"
 
 
 def test_population_search_stays_open_until_every_trial_has_ended():
