@@ -172,7 +172,7 @@ def watched(tmp_path_factory):
                 break
         else:
             raise AssertionError("the run did not finish in time:\n" + "".join(output))
-        out, err = watcher.communicate(timeout=150)
+        out, err = watcher.communicate(input="", timeout=150)  # the run is over: the watcher's last look
         assert watcher.returncode == 0, err
         seen["actors"] = json.loads(out)
         rows = list(csv.DictReader(open(run.run_dir / "generations.csv")))
@@ -203,18 +203,15 @@ def watched(tmp_path_factory):
 
 # Watches Ray's state API (what the dashboard shows) in its own process, as a user's script would,
 # with the run's token (~/.ray/auth_token in the HOME shared with the run; the auth mode is read
-# when ray is imported). Prints every organism actor it saw, with the states it saw it in, once it
-# has seen as many as there are organisms and one of them alive (a tiny run's generations take
-# seconds: an actor may already have ended when the dashboard first lists it; the dashboard lists
-# ended actors too).
+# when ray is imported), from the start of the run until the test closes its stdin (the run is
+# over; the dashboard lists ended actors too). Prints every organism actor it saw, with its PID and
+# the states it saw it in.
 WATCH_ACTORS = """
-import json, sys, time
+import json, select, sys, time
 from ray.util.state import list_actors
-address, organisms, deadline = sys.argv[1], int(sys.argv[2]), time.time() + float(sys.argv[3])
-seen = {}
-def done():
-    return len(seen) >= organisms and any("ALIVE" in a["states"] for a in seen.values())
-while time.time() < deadline and not done():
+address, deadline = sys.argv[1], time.time() + float(sys.argv[2])
+seen, last = {}, False
+while time.time() < deadline:
     try:
         actors = list_actors(address=address, detail=True, raise_on_missing_output=False)
     except Exception:  # the dashboard may still be starting
@@ -226,15 +223,18 @@ while time.time() < deadline and not done():
             entry["pid"] = entry["pid"] or a.pid
             if a.state not in entry["states"]:
                 entry["states"].append(a.state)
-    time.sleep(0.2)
+    if last:
+        break
+    last = bool(select.select([sys.stdin], [], [], 0.5)[0])  # closed: one look more, then done
 print(json.dumps(list(seen.values())))
 """
 
 
 def watch_actors(dashboard_port: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", WATCH_ACTORS, f"http://127.0.0.1:{dashboard_port}", str(POP), str(LINGER // 2)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, RAY_AUTH_MODE="token"))
+        [sys.executable, "-c", WATCH_ACTORS, f"http://127.0.0.1:{dashboard_port}", str(2 * LINGER)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, RAY_AUTH_MODE="token"))
 
 
 def test_dashboard_json_is_well_formed():
@@ -318,11 +318,15 @@ def test_metric_values_agree_with_summary(watched):
 
 
 def test_organisms_appear_in_rays_state_api(watched):
+    """Every process that computed a generation (generations.csv's actor_pid) is an organism's
+    actor in Ray's state API, each actor a process of its own, at least one per organism."""
     organisms = [a for a in watched["actors"] if a["class_name"] == "OrganismTrainable"]
+    pids = [a["pid"] for a in organisms]
     assert len(organisms) >= POP, watched["actors"]
-    assert all(a["pid"] for a in organisms), organisms
+    assert all(pids) and len(set(pids)) == len(pids), organisms
+    computed_by = {int(r["actor_pid"]) for r in watched["rows"]}
+    assert computed_by <= set(pids), (computed_by, organisms)
     assert any("ALIVE" in a["states"] for a in organisms), organisms
-    assert len({a["actor_id"] for a in organisms}) == len(organisms)
 
 
 def test_local_instance_listens_on_loopback_only(watched):
