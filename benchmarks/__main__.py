@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--json PATH]``: decisions per second evaluating and learning,
+"""``python -m benchmarks [--quick | --tiny] [--json PATH]``: decisions per second evaluating and learning,
 cost against active size (pruned organism) and peak memory per organism; see benchmarks/decisions.py.
 
 Progress goes to stderr; the table and then the JSON report go to stdout, and the JSON is also
@@ -17,10 +17,13 @@ from benchmarks.decisions import Settings, run_all, table
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Organism vs naive SNN on one core: decisions/s evaluating and "
                                      "learning, pruned vs grown organism, peak RSS per organism.")
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about a minute)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer sizes and repeats (about a minute)")
+    size.add_argument("--tiny", action="store_true",
+                      help="every measurement once at tiny sizes, in seconds (for the tests: the figures mean nothing)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON report here")
     args = parser.parse_args(argv)
-    settings = Settings.quick() if args.quick else Settings()
+    settings = Settings.tiny() if args.tiny else Settings.quick() if args.quick else Settings()
     report = run_all(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(report))
     emit(report, args.json)

@@ -1,20 +1,36 @@
 """benchmarks.decisions: every measurement runs end to end at tiny sizes and reports what it says.
 
-No timing is asserted (rates on a shared machine mean nothing at these sizes): only that each
-section is there, its rates are positive, the organism's size was what the section claims, and
-the table prints."""
+The report comes from the real command, ``python -m benchmarks --tiny --json PATH`` (the real
+measurements at tiny sizes). No timing is asserted (rates on a shared machine mean nothing at
+these sizes): only that each section is there, its figures are finite and its rates positive, the
+organism's size was what the section claims, and the table prints."""
 
 import json
+import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks import decisions
-from benchmarks.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def report():
-    return decisions.run_all(decisions.Settings.tiny(), log=lambda line: None)
+def cli(tmp_path_factory):
+    """``python -m benchmarks --tiny --json PATH`` as a user runs it: (its stdout, the JSON file)."""
+    path = tmp_path_factory.mktemp("benchmarks") / "out.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--json", str(path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def report(cli):
+    return cli[1]
 
 
 def positive(rate: dict) -> bool:
@@ -72,16 +88,33 @@ def test_table_prints(report):
         assert heading in text
 
 
-def test_cli_writes_json(report, tmp_path, monkeypatch, capsys):
-    import benchmarks.__main__ as cli
+def numbers(value, path=""):
+    """(path, number) for every number in a JSON value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from numbers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for k, item in enumerate(value):
+            yield from numbers(item, f"{path}[{k}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, value
 
-    seen = []
-    monkeypatch.setattr(cli, "run_all", lambda settings, log: seen.append(settings) or report)
-    out = tmp_path / "out.json"
-    assert main(["--quick", "--json", str(out)]) == 0
-    assert seen == [decisions.Settings.quick()]
-    assert json.loads(out.read_text())["pruning"]["after_pruning"]["hidden"] == 48
-    assert "organism_learning" in capsys.readouterr().out
+
+def test_cli_writes_json(cli):
+    """The command prints the table, then the report, and writes the same report to PATH: the
+    tiny settings' sections, every figure finite and every measured one positive (the settings
+    may hold zeros; so may counts of skipped non-finite updates)."""
+    stdout, report = cli
+    assert json.loads(stdout[stdout.index("\n{") + 1:]) == report
+    assert stdout.index("organism_learning") < stdout.index("\n{")  # the table comes first
+    assert report["settings"]["hidden_sizes"] == list(decisions.Settings.tiny().hidden_sizes)
+    assert [(r["hidden"], r["batch"]) for r in report["organism_eval"]] == [(32, 8)]
+    figures = list(numbers({k: v for k, v in report.items() if k != "settings"}))
+    assert len(figures) > 50
+    for path, value in figures:
+        assert math.isfinite(value), path
+        if not path.endswith("_skipped"):
+            assert value > 0, (path, value)
 
 
 def test_learning_cli_measures_the_sizes_asked_for_each_time(tmp_path, capsys):
