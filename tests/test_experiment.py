@@ -4,9 +4,7 @@ budget, 2 arms, 1 seed) on a local Ray instance whose output table must be compl
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_population import descendants, processes_using
+from test_population import kill_ray_processes, session
 
 from population import continual, results
 from population.experiment_config import ARM_TITLES
@@ -120,25 +118,21 @@ def test_config_errors_are_one_line_before_ray_starts(tmp_path):
 
 
 def run_experiment(tmp_path: Path, *args: str, timeout=300) -> tuple[int, str, float]:
-    """The real command in a subprocess with its own Ray temp dir; every process it leaves is
-    killed by PID."""
+    """The real command in a subprocess with its own Ray temp dir and session; afterwards every
+    process of its Ray instance is killed by PID until none is left (test_population's
+    kill_ray_processes: Ray's workers rename themselves, and may outlive the command)."""
     ray_dir = tempfile.mkdtemp(prefix="gsnn-ray-", dir="/tmp")
     command = [sys.executable, "-m", "population.experiment", "--budget", "smoke", "--results", str(tmp_path / "docs"),
                "--workdir", str(tmp_path / "work"), "--ray-temp-dir", ray_dir, *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
+    leader = session(process)
     start = time.time()
     try:
         out, _ = process.communicate(timeout=timeout)
     finally:
-        pids = set(processes_using(ray_dir))
-        if process.poll() is None:
-            pids |= {process.pid, *descendants(process.pid)}
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_ray_processes(ray_dir, [leader])  # the command too, if it is still running
+        process.wait(timeout=30)
         shutil.rmtree(ray_dir, ignore_errors=True)
     return process.returncode, out, time.time() - start
 
