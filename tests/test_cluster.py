@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_population import TINY, assert_complete, cmdline, descendants, free_port, processes_using
+from test_population import TINY, assert_complete, cmdline, descendants, free_port, kill_ray_processes, session
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_FILES = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -309,18 +309,22 @@ def test_population_survives_losing_a_worker_node(tmp_path):
     run_dir = tmp_path / "run"
     log_path = tmp_path / "driver.log"
     server = driver = intruder = gpus = None
+    sessions = []  # every command here leads a session of its own (test_population.ray_processes)
     try:
         server = subprocess.Popen([sys.executable, __file__, "serve"], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                                   start_new_session=True)
+        sessions.append(session(server))
         cluster = reply(server)
         with open(log_path, "w") as log:
             driver = subprocess.Popen(
                 [sys.executable, "-m", "population.run", "--address", cluster["address"],
                  "--pop", str(POP), "--generations", str(GENERATIONS), "--output", str(run_dir), *TINY],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+            sessions.append(session(driver))
         gpus = subprocess.Popen([sys.executable, "-c", GPUS_HELD, cluster["address"]], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        sessions.append(session(gpus))
 
         # Once results arrive, crash the worker node that holds the most organism actors.
         deadline = time.time() + 150
@@ -338,6 +342,7 @@ def test_population_survives_losing_a_worker_node(tmp_path):
         intruder = subprocess.Popen([sys.executable, "-c", CONNECT, cluster["address"]],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     env=dict(env, RAY_AUTH_TOKEN="0" * 32), start_new_session=True)
+        sessions.append(session(intruder))
 
         code = driver.wait(timeout=240)
         assert code == 0, log_path.read_text()
@@ -350,9 +355,6 @@ def test_population_survives_losing_a_worker_node(tmp_path):
         out, _ = intruder.communicate(timeout=120)
         assert intruder.returncode != 0 and "InvalidAuthToken" in out, out
     finally:
-        alive = [p for p in (server, driver, intruder, gpus) if p is not None and p.poll() is None]
-        processes = snapshot({pid for p in alive for pid in (p.pid, *descendants(p.pid))}
-                             | set(processes_using(ray_dir)))
         if server is not None and server.poll() is None:
             try:
                 server.stdin.write("shutdown\n")
@@ -360,7 +362,12 @@ def test_population_survives_losing_a_worker_node(tmp_path):
                 server.wait(timeout=60)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        kill(processes)
+        # Whatever is left of the cluster and the commands: found by PID, through the temp dir
+        # every process of it names (RAY_TMPDIR, TMPDIR, open files) or their sessions.
+        kill_ray_processes(ray_dir, sessions)
+        for process in (server, driver, intruder, gpus):
+            if process is not None:
+                process.wait(timeout=30)
         shutil.rmtree(ray_dir, ignore_errors=True)
 
     # Every organism completed every generation, each (organism, generation) exactly once.
