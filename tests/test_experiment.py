@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from test_population import kill_ray_processes, session
+from test_monitoring import is_loopback, listening_sockets
+from test_population import kill_ray_processes, ray_processes, session
 
 from population import continual, results
 from population.experiment_config import ARM_TITLES
@@ -117,10 +119,11 @@ def test_config_errors_are_one_line_before_ray_starts(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def run_experiment(tmp_path: Path, *args: str, timeout=300) -> tuple[int, str, float]:
+def run_experiment(tmp_path: Path, *args: str, timeout=300) -> tuple[int, str, float, set[str]]:
     """The real command in a subprocess with its own Ray temp dir and session; afterwards every
     process of its Ray instance is killed by PID until none is left (test_population's
-    kill_ray_processes: Ray's workers rename themselves, and may outlive the command)."""
+    kill_ray_processes: Ray's workers rename themselves, and may outlive the command). Also
+    returns the TCP addresses its processes listened on (sampled every 0.5 s while it ran)."""
     ray_dir = tempfile.mkdtemp(prefix="gsnn-ray-", dir="/tmp")
     command = [sys.executable, "-m", "population.experiment", "--budget", "smoke", "--results", str(tmp_path / "docs"),
                "--workdir", str(tmp_path / "work"), "--ray-temp-dir", ray_dir, *args]
@@ -128,13 +131,24 @@ def run_experiment(tmp_path: Path, *args: str, timeout=300) -> tuple[int, str, f
                                start_new_session=True)
     leader = session(process)
     start = time.time()
+    sockets: set[str] = set()
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.5):
+            sockets.update(listening_sockets(ray_processes(ray_dir, [leader])))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
         out, _ = process.communicate(timeout=timeout)
     finally:
+        done.set()
+        watcher.join(timeout=30)
         kill_ray_processes(ray_dir, [leader])  # the command too, if it is still running
         process.wait(timeout=30)
         shutil.rmtree(ray_dir, ignore_errors=True)
-    return process.returncode, out, time.time() - start
+    return process.returncode, out, time.time() - start, sockets
 
 
 def _finite_numbers(cell: str) -> bool:
@@ -186,8 +200,10 @@ def check_outputs(docs: Path, arms: list[str]) -> dict:
 
 def test_smoke_experiment_writes_a_complete_table(tmp_path):
     arms = ["fixed_max", "grow_prune"]
-    code, out, seconds = run_experiment(tmp_path, "--arms", ",".join(arms), "--seeds", "1")
+    code, out, seconds, sockets = run_experiment(tmp_path, "--arms", ",".join(arms), "--seeds", "1")
     assert code == 0, out
+    # its local Ray instance (GCS, raylet, workers) listens on 127.0.0.1 only
+    assert len(sockets) >= 3 and all(is_loopback(s) for s in sockets), sockets
     assert "[fixed_max seed 0] step" in out and "season 4/4" in out and "done 2/2" in out
     data = check_outputs(tmp_path / "docs", arms)
     assert set(data["continual"]) == set(arms)
@@ -203,7 +219,7 @@ def test_smoke_experiment_writes_a_complete_table(tmp_path):
 def test_smoke_experiment_pbt_and_ppo_arms(tmp_path):
     """The two arms that go through Tune (population.run's PBT) and RLlib (PPO, new API stack)."""
     arms = ["grow_prune_pbt", "ppo"]
-    code, out, seconds = run_experiment(tmp_path, "--arms", ",".join(arms))
+    code, out, seconds, _ = run_experiment(tmp_path, "--arms", ",".join(arms))
     assert code == 0, out
     assert "[ppo seed 0] step" in out and "[grow_prune_pbt seed 0] generation   2/2" in out
     data = check_outputs(tmp_path / "docs", arms)
