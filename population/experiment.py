@@ -39,13 +39,15 @@ BUDGETS_HELP = "named budget from the config's budgets section: smoke (for the t
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m population.experiment", description=__doc__.splitlines()[0])
+    # population.run's parser: argparse's errors as one line (no usage block), exit 2.
+    p = population_run._Parser(prog="python -m population.experiment", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="experiment YAML (default: tune_configs/hypothesis.yaml)")
     p.add_argument("--budget", default="default", help=BUDGETS_HELP)
     p.add_argument("--seeds", type=int, help="seeds per arm (overrides experiment.seeds)")
     p.add_argument("--arms", help="comma-separated arms (overrides experiment.arms): " + ",".join(xc.ALL_ARMS))
     p.add_argument("--results", default="docs", help="where results.md, results.json and the plots go (default: docs)")
-    p.add_argument("--workdir", help="run folder for the PBT runs (default: runs/hypothesis-<time>)")
+    p.add_argument("--workdir", help="run folder for the PBT runs, made when that arm runs (default: "
+                                     "runs/hypothesis-<time>); must be new or empty")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set experiment.episodes=20 (repeatable)")
     p.add_argument("--address", help="join this Ray cluster (HOST:PORT, ray://HOST:PORT or auto) instead of "
@@ -55,7 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve(args) -> tuple[xc.ExperimentConfig, Path, Path]:
-    """Everything checked before Ray starts. Returns (config, results folder, work folder)."""
+    """Everything checked before Ray starts. Returns (config, results folder, work folder).
+    Nothing is created here: the results folder is made when the results are written, the work
+    folder when the PBT arm starts."""
+    for flag, value in (("--config", args.config), ("--results", args.results), ("--workdir", args.workdir),
+                        ("--address", args.address), ("--ray-temp-dir", args.ray_temp_dir)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{flag}: must not be empty")
+    population_run._check_address(args.address)
+    population_run._check_ray_temp_dir(args.ray_temp_dir)
     overrides = []
     if args.seeds is not None:
         overrides.append(("experiment.seeds", args.seeds))
@@ -67,24 +77,31 @@ def resolve(args) -> tuple[xc.ExperimentConfig, Path, Path]:
         key, raw = item.split("=", 1)
         overrides.append((key, run_config.parse_value(raw)))
     config = xc.load(args.config, args.budget, overrides)
-    population_run._check_address(args.address)
-    population_run._check_ray_temp_dir(args.ray_temp_dir)
-    results = Path(args.results).resolve()
-    if results.exists() and not results.is_dir():
-        raise ConfigError(f"--results: {results} is not a folder")
-    if not os.access(results if results.exists() else _existing_parent(results), os.W_OK):
-        raise ConfigError(f"--results: {results} is not writable")
-    workdir = Path(args.workdir).resolve() if args.workdir else (
+    results = Path(args.results).expanduser().resolve()
+    _check_folder(results, "--results")
+    workdir = Path(args.workdir).expanduser().resolve() if args.workdir is not None else (
         Path.cwd() / "runs" / f"hypothesis-{time.strftime('%Y%m%d-%H%M%S')}")
-    if workdir.exists() and any(workdir.iterdir()):
-        raise ConfigError(f"--workdir: {workdir} is not empty")
+    if args.workdir is not None or xc.PBT_ARM in config.experiment.arms:
+        _check_folder(workdir, "--workdir", empty=True)
     return config, results, workdir
 
 
-def _existing_parent(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
+def _check_folder(path: Path, flag: str, empty: bool = False) -> None:
+    """A folder the experiment can make (or has) and write; with ``empty``, one holding nothing."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{flag}: {path} exists and is not a folder")
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{flag}: cannot create {path}: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag}: cannot write {path}: {existing} is not writable")
+        if empty and path.is_dir() and any(path.iterdir()):
+            raise ConfigError(f"{flag}: {path} is not empty (choose a new or empty folder)")
+    except OSError as error:
+        raise ConfigError(f"{flag}: cannot use {path} ({error.strerror})") from None
 
 
 def _one_line(error: BaseException) -> str:
@@ -244,8 +261,7 @@ def main(argv=None) -> int:
     print(f"experiment: arms {', '.join(arms)}; {e.seeds} seed(s); budget {config.budget}: {e.episodes} episodes x "
           f"{e.worlds} worlds = {config.env_steps_per_organism:,} env steps per organism; seasons for "
           f"{', '.join(a for a in arms if a in continual_arms) or 'none'}", flush=True)
-    print(f"results: {results_dir}; work folder: {workdir}", flush=True)
-    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"results: {results_dir}" + (f"; work folder: {workdir}" if xc.PBT_ARM in arms else ""), flush=True)
 
     local = not population_run.joins_cluster(args)
     if local:  # every server of the local instance on 127.0.0.1, as population.run's default
@@ -258,14 +274,22 @@ def main(argv=None) -> int:
     from population.trainable import quiet_tune_logs
 
     quiet_tune_logs()
-    if not local:
-        ray.init(address=args.address, log_to_driver=True, runtime_env=worker_setup.runtime_env())
-    else:
-        # address "local": a local instance of its own, never the cluster RAY_ADDRESS names
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _metrics_export_port=free_port(),
-                 _temp_dir=os.path.expanduser(args.ray_temp_dir) if args.ray_temp_dir else None,
-                 log_to_driver=True, runtime_env=worker_setup.runtime_env())
+    try:
+        if not local:
+            ray.init(address=args.address, log_to_driver=True, runtime_env=worker_setup.runtime_env())
+        else:
+            # address "local": a local instance of its own, never the cluster RAY_ADDRESS names
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                     _metrics_export_port=free_port(),
+                     _temp_dir=os.path.expanduser(args.ray_temp_dir) if args.ray_temp_dir else None,
+                     log_to_driver=True, runtime_env=worker_setup.runtime_env())
+    except (OSError, ValueError) as error:  # e.g. --address auto with no cluster to join, as population.run
+        ray.shutdown()
+        load.stop()
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"error: Ray did not start ({f'--address {args.address}' if not local else 'the local instance'}): "
+              f"{reason}", file=sys.stderr)
+        return 1
     say = lambda line: print(line, flush=True)  # noqa: E731
     runs: dict[str, list] = {arm: [None] * e.seeds for arm in arms}
     pbt_runs, failures = {}, []
@@ -346,7 +370,7 @@ def main(argv=None) -> int:
                         f"times are inflated.")
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": host,
             "wall_seconds": wall, "env_steps_per_organism": config.env_steps_per_organism,
-            "workdir": str(workdir), "failures": failures}
+            "workdir": str(workdir) if xc.PBT_ARM in arms else None, "failures": failures}
     data = results.write_results(results_dir, meta, config.to_dict(), runs, references)
     say("")
     say(results.markdown_table(results.TABLE_COLUMNS, results.table_rows(data["summary"])))

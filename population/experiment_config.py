@@ -10,12 +10,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from envs.rules import N_SEASONS, OBSERVATION_MODES, WALL_ENCODINGS
+from envs.rules import GRID_SIZE, N_ACTIONS, N_CHANNELS, N_SEASONS, OBSERVATION_MODES, WALL_ENCODINGS
 from gsnn.config import ConfigError, OrganismConfig, bounded
 from population import config as run_config
 
 DEFAULT_CONFIG = "hypothesis.yaml"
 EPISODE_STEPS = 500  # decision steps per episode (gsnn.train.WorldConfig.max_steps)
+# What the world gives an organism and takes from it (every obs_mode and walls): an organism
+# setting that differs would fail in every Ray worker, after the experiment started.
+WORLD_SHAPE = {"n_inputs": (N_CHANNELS * GRID_SIZE * GRID_SIZE, f"{N_CHANNELS} x {GRID_SIZE} x {GRID_SIZE} "
+                            f"observation values"), "n_actions": (N_ACTIONS, "actions")}
 # The arms, in the order of the table. Organism arms are configured in the `arms` section;
 # grow_prune_pbt is an organism arm evolved by population.run's PBT; ppo is RLlib's PPO.
 ORGANISM_ARMS = ("fixed_max", "fixed_start", "grow", "grow_prune", "grow_prune_pbt")
@@ -162,11 +166,12 @@ def default_config_path() -> Path:
 def load(path: str | Path | None, budget: str, overrides: list[tuple[str, Any]]) -> ExperimentConfig:
     """Read the YAML, apply the budget's overrides and then ``overrides`` ((dotted key, value)
     pairs), and check everything."""
-    path = Path(path) if path else default_config_path()
+    path = Path(path).expanduser() if path is not None else default_config_path()
     data = run_config.load_yaml(path)
     budgets = data.get("budgets") or {}
     if not isinstance(budgets, dict) or not all(isinstance(v, dict) or v is None for v in budgets.values()):
         raise ConfigError("budgets: must map a budget name to {section.key: value} overrides")
+    budgets = {str(name): values for name, values in budgets.items()}  # --budget is text (YAML may say 1:)
     if budget not in budgets:
         raise ConfigError(f"--budget: must be one of {', '.join(sorted(budgets)) or '(none defined)'}, got {budget!r}")
     chosen = dict(budgets[budget] or {})
@@ -192,29 +197,32 @@ def build(data: dict, budget: str = "default", budget_overrides: dict | None = N
         if section not in SECTIONS and section not in OTHER_SECTIONS:
             known = sorted(set(SECTIONS) | set(OTHER_SECTIONS))
             raise ConfigError(f"{section}: unknown section (known: {', '.join(known)})")
+    for section, value in data.items():
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{section}: must be a mapping of settings (key: value lines), "
+                              f"got {run_config._short(value)}")
     settings = {name: run_config.build_section(name, cls, data.get(name) or {}) for name, cls in SECTIONS.items()}
     e, c = settings["experiment"], settings["continual"]
     e.arms = tuple(_arm_list("experiment.arms", e.arms, ALL_ARMS))
     c.arms = tuple(_arm_list("continual.arms", c.arms, ORGANISM_ARMS, allow_empty=True))
     c.seasons = tuple(_seasons(c.seasons))
     settings["ppo"].hidden = tuple(_int_list("ppo.hidden", settings["ppo"].hidden, 1, 65_536))
+    if e.eval_every > e.episodes:
+        raise ConfigError(f"experiment.eval_every: must be at most experiment.episodes ({e.episodes}), "
+                          f"got {e.eval_every} (the learning curve would have no point before the end)")
     if settings["ppo"].minibatch > settings["ppo"].train_batch:
         raise ConfigError(f"ppo.minibatch: must be <= ppo.train_batch ({settings['ppo'].train_batch}), "
                           f"got {settings['ppo'].minibatch}")
 
     organism = data.get("organism") or {}
-    if not isinstance(organism, dict):
-        raise ConfigError("organism: must be a mapping of organism settings")
-    OrganismConfig.from_dict(organism, where="organism.")
+    _check_organism(organism, organism, "organism.")
     arms = data.get("arms") or {}
-    if not isinstance(arms, dict):
-        raise ConfigError("arms: must map an organism arm to its organism settings")
     for arm, values in arms.items():
         if arm not in ORGANISM_ARMS:
             raise ConfigError(f"arms.{arm}: not an organism arm (known: {', '.join(ORGANISM_ARMS)})")
         if values is not None and not isinstance(values, dict):
-            raise ConfigError(f"arms.{arm}: must be a mapping of organism settings")
-        OrganismConfig.from_dict(dict(organism, **(values or {})), where=f"arms.{arm}.")
+            raise ConfigError(f"arms.{arm}: must be a mapping of organism settings, got {run_config._short(values)}")
+        _check_organism(values or {}, dict(organism, **(values or {})), f"arms.{arm}.")
     arms = {arm: dict(values or {}) for arm, values in arms.items()}
 
     config = ExperimentConfig(
@@ -222,15 +230,34 @@ def build(data: dict, budget: str = "default", budget_overrides: dict | None = N
         ppo=settings["ppo"], continual=c, budget=budget, budget_overrides=dict(budget_overrides or {}),
         source=source,
     )
-    if PBT_ARM in e.arms:
-        if e.episodes % config.pbt.episodes_per_generation:
-            raise ConfigError(f"pbt.episodes_per_generation: must divide experiment.episodes ({e.episodes}), "
-                              f"got {config.pbt.episodes_per_generation}")
-        try:
-            config.pbt_run_config(0)  # the PBT arm's population.run configuration, checked whole
-        except ConfigError as error:
-            raise ConfigError(f"pbt: {error}") from None
+    if PBT_ARM in e.arms and e.episodes % config.pbt.episodes_per_generation:
+        raise ConfigError(f"pbt.episodes_per_generation: must divide experiment.episodes ({e.episodes}), "
+                          f"got {config.pbt.episodes_per_generation}")
+    try:
+        # The PBT arm's population.run configuration, checked whole (pbt.mutations among it), even
+        # when that arm does not run: a mistake in the file is one whatever --arms says.
+        config.pbt_run_config(0)
+    except ConfigError as error:
+        message = str(error)
+        raise ConfigError(message if message.startswith("pbt.") else f"pbt: {message}") from None
+    steps = config.env_steps_per_organism
+    if PPO_ARM in e.arms and config.ppo.train_batch > steps:
+        raise ConfigError(f"ppo.train_batch: must be at most the env steps per organism ({steps:,} = "
+                          f"experiment.episodes x {EPISODE_STEPS} x experiment.worlds), got {config.ppo.train_batch}")
     return config
+
+
+def _check_organism(given: dict, settings: dict, where: str) -> None:
+    """One organism arm's settings (``settings``, of which ``given`` were written at ``where``):
+    OrganismConfig's names, types, ranges and cross-field rules, and what the experiment sets
+    itself: each organism's seed (its seed number) and the world's shape."""
+    if "seed" in given:
+        raise ConfigError(f"{where}seed: not settable; each organism's seed is its seed number "
+                          f"(0 .. experiment.seeds - 1, the same for every arm)")
+    organism = OrganismConfig.from_dict(settings, where=where)
+    for name, (value, what) in WORLD_SHAPE.items():
+        if getattr(organism, name) != value:
+            raise ConfigError(f"{where}{name}: must be {value} (the world's {what}), got {getattr(organism, name)!r}")
 
 
 def _arm_list(where: str, value: Any, known: tuple, allow_empty: bool = False) -> list[str]:
