@@ -403,6 +403,8 @@ def build_tuner(config: run_config.RunConfig, run_dir: Path, resume: bool, print
             storage_path=str(run_dir),
             stop={"training_iteration": config.population.generations},
             # Every checkpoint is kept: asynchronous PBT may clone any trial's latest-but-N checkpoint.
+            # (PBT saves a top-quantile trial itself at a perturbation, so that generation has two
+            # folders; a generation after which the trial is exploited has none. See README, tune/.)
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=config.ray.max_failures),
             callbacks=callbacks,
