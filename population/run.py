@@ -348,11 +348,10 @@ def initial_values(config: run_config.RunConfig) -> list[dict]:
 def build_tuner(config: run_config.RunConfig, run_dir: Path, resume: bool, printer=print):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import PopulationBasedTraining
 
     from population.metrics import PopulationMetrics
     from population.report import GenerationLog
-    from population.searcher import PopulationSearch
+    from population.searcher import OrganismPBT, PopulationSearch
     from population.trainable import OrganismTrainable
 
     trainable = tune.with_resources(OrganismTrainable, organism_resources(config))
@@ -380,7 +379,7 @@ def build_tuner(config: run_config.RunConfig, run_dir: Path, resume: bool, print
         name: (tune.loguniform(*m.values) if m.kind == "log_uniform" else list(m.values))
         for name, m in config.mutations.items()
     }
-    scheduler = PopulationBasedTraining(
+    scheduler = OrganismPBT(
         time_attr="training_iteration",
         metric="fitness",
         mode="max",

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -348,6 +349,18 @@ def test_pbt_mutates_thresholds_and_exploits_across_sizes(tiny_run):
         if (row["trial_id"], float(row["finished_at"])) in began:
             hidden = began[(row["trial_id"], float(row["finished_at"]))][0]
             assert hidden == int(row["exploit_source_hidden_neurons"]) != int(row["exploit_own_hidden_neurons"]), row
+    # An exploit copies the source's hyperparameters, not its identity: each trial keeps its own
+    # trial_index (the organism's seed, its worlds, a copy's random stream) in every result,
+    # as its folder's name has it from its start.
+    indices = {}
+    for folder in (run.run_dir / "tune").glob("*/result.json"):
+        own = int(re.search(r"trial_index=(\d+)", folder.parent.name).group(1))
+        for line in folder.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                result = json.loads(line)
+                assert result["config"]["trial_index"] == own, (folder.parent.name, result["exploited_from"])
+                indices[result["trial_id"]] = own
+    assert sorted(indices.values()) == list(range(POP)), indices
 
 
 def test_config_errors_are_one_line_before_ray_starts(tmp_path):
