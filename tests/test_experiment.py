@@ -119,11 +119,14 @@ def test_config_errors_are_one_line_before_ray_starts(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def run_experiment(tmp_path: Path, *args: str, timeout=300) -> tuple[int, str, float, set[str]]:
+def run_experiment(tmp_path: Path, *args: str, timeout=300) -> tuple[int, str, float, set[str], str]:
     """The real command in a subprocess with its own Ray temp dir and session; afterwards every
     process of its Ray instance is killed by PID until none is left (test_population's
-    kill_ray_processes: Ray's workers rename themselves, and may outlive the command). Also
-    returns the TCP addresses its processes listened on (sampled every 0.5 s while it ran)."""
+    kill_ray_processes: Ray's workers rename themselves, and may outlive the command). Returns
+    its exit code, output, seconds, the TCP addresses its processes listened on (sampled every
+    0.5 s while it ran) and what its Ray workers printed (their logs/worker-*.out: in a run of a
+    few seconds Ray's log monitor, a process of its own, may start tracking them too late to
+    forward any line to the driver before it ends; 2 of 5 smoke runs under pytest had none)."""
     ray_dir = tempfile.mkdtemp(prefix="gsnn-ray-", dir="/tmp")
     command = [sys.executable, "-m", "population.experiment", "--budget", "smoke", "--results", str(tmp_path / "docs"),
                "--workdir", str(tmp_path / "work"), "--ray-temp-dir", ray_dir, *args]
@@ -147,8 +150,10 @@ def run_experiment(tmp_path: Path, *args: str, timeout=300) -> tuple[int, str, f
         watcher.join(timeout=30)
         kill_ray_processes(ray_dir, [leader])  # the command too, if it is still running
         process.wait(timeout=30)
+        printed = "".join(path.read_text(errors="replace")
+                          for path in sorted(Path(ray_dir).glob("session_*/logs/worker-*.out")))
         shutil.rmtree(ray_dir, ignore_errors=True)
-    return process.returncode, out, time.time() - start, sockets
+    return process.returncode, out, time.time() - start, sockets, printed
 
 
 def _finite_numbers(cell: str) -> bool:
@@ -200,11 +205,11 @@ def check_outputs(docs: Path, arms: list[str]) -> dict:
 
 def test_smoke_experiment_writes_a_complete_table(tmp_path):
     arms = ["fixed_max", "grow_prune"]
-    code, out, seconds, sockets = run_experiment(tmp_path, "--arms", ",".join(arms), "--seeds", "1")
+    code, out, seconds, sockets, printed = run_experiment(tmp_path, "--arms", ",".join(arms), "--seeds", "1")
     assert code == 0, out
     # its local Ray instance (GCS, raylet, workers) listens on 127.0.0.1 only
     assert len(sockets) >= 3 and all(is_loopback(s) for s in sockets), sockets
-    assert "[fixed_max seed 0] step" in out and "season 4/4" in out and "done 2/2" in out
+    assert "[fixed_max seed 0] step" in printed and "season 4/4" in printed and "done 2/2" in out
     data = check_outputs(tmp_path / "docs", arms)
     assert set(data["continual"]) == set(arms)
     goal = data["goal"]["grow_prune"]
@@ -219,9 +224,9 @@ def test_smoke_experiment_writes_a_complete_table(tmp_path):
 def test_smoke_experiment_pbt_and_ppo_arms(tmp_path):
     """The two arms that go through Tune (population.run's PBT) and RLlib (PPO, new API stack)."""
     arms = ["grow_prune_pbt", "ppo"]
-    code, out, seconds, _ = run_experiment(tmp_path, "--arms", ",".join(arms))
+    code, out, seconds, _, printed = run_experiment(tmp_path, "--arms", ",".join(arms))
     assert code == 0, out
-    assert "[ppo seed 0] step" in out and "[grow_prune_pbt seed 0] generation   2/2" in out
+    assert "[ppo seed 0] step" in printed and "[grow_prune_pbt seed 0] generation   2/2" in out
     data = check_outputs(tmp_path / "docs", arms)
     ppo = data["runs"]["ppo"][0]["final"]
     assert ppo["macs_per_decision"] == 450 * 64 + 64 * 64 + 64 * 4  # the policy path of the MLP
