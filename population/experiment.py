@@ -89,15 +89,7 @@ def resolve(args) -> tuple[xc.ExperimentConfig, Path, Path]:
 def _check_folder(path: Path, flag: str, empty: bool = False) -> None:
     """A folder the experiment can make (or has) and write; with ``empty``, one holding nothing."""
     try:
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"{flag}: {path} exists and is not a folder")
-        existing = path
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            raise ConfigError(f"{flag}: cannot create {path}: {existing} is not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag}: cannot write {path}: {existing} is not writable")
+        population_run.check_writable_dir(path, flag, noun="folder")
         if empty and path.is_dir() and any(path.iterdir()):
             raise ConfigError(f"{flag}: {path} is not empty (choose a new or empty folder)")
     except OSError as error:

@@ -135,18 +135,25 @@ def has_started(run_dir: Path) -> bool:
     return (run_dir / TUNE_DIR / TUNER_STATE).is_file()
 
 
+def check_writable_dir(path: Path, flag: str, noun: str = "directory") -> None:
+    """``path`` is a directory that exists or can be made, and can be written: a ConfigError
+    naming ``flag`` if it is a file, lies under one, or its nearest existing ancestor is not
+    writable. An OSError on the way is left to the caller's message."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag}: {path} exists and is not a {noun}")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}: cannot create {path}: {existing} is not a {noun}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: cannot write {path}: {existing} is not writable")
+
+
 def _check_run_dir(run_dir: Path, flag: str, resuming: bool = False) -> None:
     """The run's directory: one we can create or write, and, for a new run, not holding a started one."""
     try:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ConfigError(f"{flag}: {run_dir} exists and is not a directory")
-        existing = run_dir
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            raise ConfigError(f"{flag}: cannot create {run_dir}: {existing} is not a directory")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag}: cannot write {run_dir}: {existing} is not writable")
+        check_writable_dir(run_dir, flag)
         if not resuming and has_started(run_dir):
             raise ConfigError(f"{flag}: {run_dir} already holds a run; use --resume {run_dir} to continue it")
     except OSError as error:
@@ -200,13 +207,7 @@ def _check_ray_temp_dir(temp_dir: str | None) -> None:
     if venv and path.resolve().is_relative_to(Path(venv).resolve()):
         raise ConfigError(f"--ray-temp-dir: must not lie inside the virtualenv {venv}, got {temp_dir}")
     try:
-        existing = path
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            raise ConfigError(f"--ray-temp-dir: {existing} is not a directory")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"--ray-temp-dir: {existing} is not writable")
+        check_writable_dir(path, "--ray-temp-dir")
     except OSError as error:
         raise ConfigError(f"--ray-temp-dir: cannot use {temp_dir} ({error.strerror})") from None
 

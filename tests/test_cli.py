@@ -7,6 +7,7 @@ process started (no session under it, no process naming it), and a guard: an unp
 RAY_JOB_CONFIG_JSON_ENV_VAR makes ``ray.init`` fail at once, before it starts anything, should a
 check that belongs before Ray be missing."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,18 +36,19 @@ def processes_naming(marker: str) -> list[int]:
     return pids
 
 
-@pytest.fixture
-def cli(tmp_path):
-    """Runs the CLI; returns (exit status, stdout, stderr lines). After the test: no Ray session
-    under the run's Ray temp root, no process naming it (any found is killed by PID, then fails)."""
-    ray_root = tempfile.mkdtemp(prefix="gsnn-cli-", dir="/tmp")
+@contextlib.contextmanager
+def guarded_cli(module: str, tmp_path, prefix: str, **extra_env):
+    """A runner of ``python -m module ARGS`` in tmp_path returning (exit status, stdout, stderr
+    lines), with its own Ray temp root and the guard above. On leaving: no Ray session under that
+    root and no process naming it (any found is killed by PID, then it fails)."""
+    ray_root = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
     def run(*args, env=None):
         environment = dict(os.environ)
         environment.pop("RAY_ADDRESS", None)
         environment.update(RAY_TMPDIR=ray_root, RAY_JOB_CONFIG_JSON_ENV_VAR="{not json: a guard}",
-                           PYTHONPATH=str(ROOT), **(env or {}))
-        out = subprocess.run([sys.executable, "-m", "population.run", *args], capture_output=True, text=True,
+                           PYTHONPATH=str(ROOT), **extra_env, **(env or {}))
+        out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                              timeout=120, cwd=tmp_path, env=environment, start_new_session=True)
         return out.returncode, out.stdout, out.stderr.strip().splitlines()
 
@@ -62,6 +64,13 @@ def cli(tmp_path):
         sessions = list(Path(ray_root).rglob("session_*"))
         shutil.rmtree(ray_root, ignore_errors=True)
         assert not left and not sessions, f"Ray started: processes {left}, sessions {sessions}"
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Runs population.run's CLI (see guarded_cli)."""
+    with guarded_cli("population.run", tmp_path, "gsnn-cli-") as run:
+        yield run
 
 
 def assert_one_line(result, expected: str, status: int = 2):

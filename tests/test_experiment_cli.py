@@ -5,50 +5,27 @@ a private HOME and its own Ray temp root (RAY_TMPDIR), and a guard: an unparsabl
 RAY_JOB_CONFIG_JSON_ENV_VAR makes ``ray.init`` fail at once, before it starts anything, should a
 check that belongs before Ray be missing (as in tests/test_cli.py for population.run)."""
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from test_cli import processes_naming, tree, write
+from test_cli import guarded_cli, tree, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def cli(tmp_path):
-    """Runs the CLI in tmp_path; returns (exit status, stdout, stderr lines). After the test: no
-    Ray session under the run's Ray temp root, no process naming it (any found is killed by PID,
-    then fails)."""
-    ray_root = tempfile.mkdtemp(prefix="gsnn-xcli-", dir="/tmp")
+    """Runs population.experiment's CLI in tmp_path with a private HOME (test_cli.guarded_cli:
+    afterwards no Ray session or process of its own Ray temp root)."""
     home = tempfile.mkdtemp(prefix="gsnn-xcli-home-", dir="/tmp")
-
-    def run(*args):
-        environment = dict(os.environ)
-        environment.pop("RAY_ADDRESS", None)
-        environment.update(HOME=home, RAY_TMPDIR=ray_root, RAY_JOB_CONFIG_JSON_ENV_VAR="{not json: a guard}",
-                           PYTHONPATH=str(ROOT))
-        out = subprocess.run([sys.executable, "-m", "population.experiment", *args], capture_output=True,
-                             text=True, timeout=120, cwd=tmp_path, env=environment, start_new_session=True)
-        return out.returncode, out.stdout, out.stderr.strip().splitlines()
-
-    run.home = home
     try:
-        yield run
+        with guarded_cli("population.experiment", tmp_path, "gsnn-xcli-", HOME=home) as run:
+            run.home = home
+            yield run
     finally:
-        left = processes_naming(ray_root)
-        for pid in left:
-            try:
-                os.kill(pid, 9)
-            except OSError:
-                pass
-        sessions = list(Path(ray_root).rglob("session_*"))
-        shutil.rmtree(ray_root, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
-        assert not left and not sessions, f"Ray started: processes {left}, sessions {sessions}"
 
 
 def assert_one_line(result, expected: str, status: int = 2):
