@@ -513,7 +513,12 @@ int gsnn_decide(decide_args *d) {
     }
     if (d->rate_ema) {
         const float keep = 1.0f - d->rate_alpha, gain = d->rate_alpha / (float)T;
-        for (int64_t h = 0; h < H; h++) d->rate_ema[h] = d->rate_ema[h] * keep + gain * (rate_sum[h] / (float)B);
+        for (int64_t h = 0; h < H; h++) {
+            /* A rate below FLT_MIN is stored as zero (as Adam's moments): a silent neuron's rate
+             * would otherwise decay into the subnormals, and every later decision pays for them. */
+            const float rate = d->rate_ema[h] * keep + gain * (rate_sum[h] / (float)B);
+            d->rate_ema[h] = rate < FLT_MIN ? 0.0f : rate;
+        }
     }
     d->sums[1] = spikes;
     d->sums[2] = logit_total;

@@ -148,6 +148,7 @@ class Workspace:
 
 
 KEEP = ("obs", "x", "v0", "i0", "hidden_post", "action_post", "spikes", "inputs")  # what a learner may keep
+TINY = torch.finfo(torch.float32).tiny  # rates below the smallest normal float32 are stored as 0
 SPIKE_BITS_MAX_STEPS = 15  # "spikes": each neuron's T spikes as the bits of an int16, bit t = step t
 # "inputs": the observation's active inputs, a compact record of it in three outputs (ActiveInputs)
 INPUT_RECORD = {"inputs": torch.int32, "input_values": torch.float32, "input_counts": torch.int32}
@@ -202,7 +203,8 @@ def decide(
     uniform: torch.Tensor | None = None,  # (B,) in [0, 1)
     keep: tuple[str, ...] = (),  # learner outputs, of KEEP
     stdp: STDPOptions | None = None,  # needed for "hidden_post"
-    rate: tuple[torch.Tensor, float] | None = None,  # (rate_ema (H,), alpha): updated in place
+    rate: tuple[torch.Tensor, float] | None = None,  # (rate_ema (H,), alpha): updated in place,
+    #                                                  a rate below TINY stored as 0
     out: dict[str, torch.Tensor] | None = None,  # where to write outputs (else they are allocated)
     workspace: Workspace | None = None,
 ) -> Decision:
@@ -403,6 +405,7 @@ def _decide_torch(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, ra
     if rate is not None:
         rate_ema, alpha = rate
         rate_ema.mul_(1 - alpha).add_(counts.mean(0), alpha=alpha / steps)
+        rate_ema.masked_fill_(rate_ema < TINY, 0.0)  # no subnormal rates (as the C decision)
     kept = [part for name in keep for part in (INPUT_RECORD if name == "inputs" else (name,))]
     return Decision(out["counts"], out["logits"], actions, obs_sum, counts.sum(),
                     bool(torch.isfinite(logits).all()), {k: out[k] for k in kept})

@@ -205,6 +205,32 @@ def test_decide_native_equals_torch_with_learner_record(rule):
     assert int(native_d.counts.sum()) > 0 and float(ema.sum()) > 0
 
 
+def test_a_silent_neurons_rate_is_stored_as_zero_below_the_smallest_normal_float():
+    """A neuron silent for about 17k decisions would have its rate EMA decay into the float32
+    subnormals, which slow every later decision; both paths store such a rate as 0 and keep every
+    normal one exactly as before."""
+    g = torch.Generator().manual_seed(5)
+    B, H, T = 8, 6, 10
+    lif = lif_constants(OrganismConfig())
+    params = random_params(g, H=H)
+    params["input_weight"][:, :4] = 0.0  # neurons 0-3 get no current: silent
+    params["hidden_bias"][:4] = 0.0
+    tiny = torch.finfo(torch.float32).tiny
+    start = torch.tensor([4 * tiny, 2.5 * tiny, tiny, tiny / 4, 0.3, 0.3])  # 0-1 stay normal at alpha 0.5
+    results = []
+    for torch_only in (False, True):
+        ema, v, i = start.clone(), torch.zeros(B, H), torch.zeros(B, H)
+        with native.torch_only() if torch_only else contextlib.nullcontext():
+            d = kernels.decide(sparse_observations(torch.Generator().manual_seed(6), B), params, lif, v, i, T,
+                               rate=(ema, 0.5))
+        assert int(d.counts[:, :4].sum()) == 0
+        assert ema[0] == start[0] * 0.5 and ema[1] == start[1] * 0.5  # normal: kept exactly
+        assert torch.equal(ema[2:4], torch.zeros(2))  # tiny/2 and tiny/8 are subnormal: stored as 0
+        assert bool((ema[4:] > 0.1).all())
+        results.append(ema)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
+
+
 def test_a_kept_workspace_decides_as_a_fresh_one_whatever_tensors_change():
     """The C decision keeps prepared arguments in the workspace (raw pointers): every call must
     still use the tensors it is given. One workspace through new parameter tensors (growth,
