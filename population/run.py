@@ -523,6 +523,11 @@ def main(argv=None) -> int:
         f"{config.population.generations} generations, PBT every {config.pbt.perturbation_interval}",
         flush=True,
     )
+    if config.pbt.perturbation_interval >= config.population.generations:
+        # Tune stops a trial at its last generation before PBT sees that result.
+        print(f"note: PBT is off in this run: pbt.perturbation_interval ({config.pbt.perturbation_interval}) "
+              f"must be below population.generations ({config.population.generations}) for any exploit or "
+              f"mutation", flush=True)
     if not joins_cluster(args) and os.environ.get("RAY_ADDRESS"):
         print(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is ignored: this run starts a local Ray instance of "
               f"its own (--address auto joins that cluster)", flush=True)

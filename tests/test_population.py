@@ -304,6 +304,7 @@ def assert_complete(rows, pop=POP, generations=GENERATIONS):
 def test_run_writes_complete_consistent_outputs(tiny_run):
     run, out = tiny_run
     assert f"run directory: {run.run_dir}" in out
+    assert "PBT is off" not in out
     for g in range(1, GENERATIONS + 1):
         assert f"generation {g:3d}/{GENERATIONS}" in out
     assert "best organism: trial" in out and "checkpoint:" in out
@@ -510,6 +511,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert actors & killed.keys() and not any(alive(pid) for pid in actors), (actors, killed)
     assert code == 0, out
     assert "resuming" in out
+    assert f"note: PBT is off in this run: pbt.perturbation_interval ({10 * generations})" in out
     rows = resumed.rows()
     assert_complete(rows, generations=generations)
     key = lambda r: (r["trial_id"], int(r["generation"]))  # noqa: E731
