@@ -25,8 +25,7 @@ import math
 import torch
 
 from gsnn import kernels
-
-TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
+from gsnn.kernels import TINY  # moments below the smallest normal float32 are stored as 0
 
 
 class Adam:

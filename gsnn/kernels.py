@@ -148,7 +148,7 @@ class Workspace:
 
 
 KEEP = ("obs", "x", "v0", "i0", "hidden_post", "action_post", "spikes", "inputs")  # what a learner may keep
-TINY = torch.finfo(torch.float32).tiny  # rates below the smallest normal float32 are stored as 0
+TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32: rates and Adam's moments below it are stored as 0
 SPIKE_BITS_MAX_STEPS = 15  # "spikes": each neuron's T spikes as the bits of an int16, bit t = step t
 # "inputs": the observation's active inputs, a compact record of it in three outputs (ActiveInputs)
 INPUT_RECORD = {"inputs": torch.int32, "input_values": torch.float32, "input_counts": torch.int32}
