@@ -1,9 +1,20 @@
 """The foraging worlds: a gymnasium env for interoperability and a batched torch twin for speed."""
 
+import importlib
+
 from gymnasium.envs.registration import register, registry
 
-from envs.batched import BatchedForagingGrid, StepResult
-from envs.foraging import ForagingGrid, SeasonalForagingGrid
+# The worlds are imported on first use (module __getattr__): the batched world imports torch,
+# about a second that a command's config check (envs.rules) should not pay before its error line.
+_LAZY = {"BatchedForagingGrid": "envs.batched", "StepResult": "envs.batched",
+         "ForagingGrid": "envs.foraging", "SeasonalForagingGrid": "envs.foraging"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'envs' has no attribute {name!r}")
+
 
 FORAGING_ID = "gsnn/ForagingGrid-v0"
 SEASONAL_FORAGING_ID = "gsnn/SeasonalForagingGrid-v0"

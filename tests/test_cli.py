@@ -218,3 +218,17 @@ def test_the_embedded_start_ignores_ray_address_and_a_failed_start_leaves_nothin
     assert len(lines) == 1 and lines[0].startswith("error: Ray did not start (the local instance): "), lines
     assert "Traceback" not in stdout + "\n".join(lines)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("module", ["population.run", "population.experiment"])
+def test_a_config_error_comes_before_torch_is_imported(module, tmp_path):
+    """Validation needs no torch (about a second to import): `envs` loads its worlds on first use."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("population: {size: -1}\n" if module == "population.run" else "nonsense_section: {}\n")
+    probe = (f"import sys; from {module} import main\n"
+             f"code = main(['--config', {str(bad)!r}])\n"
+             "assert code == 2, code\n"
+             "assert 'torch' not in sys.modules, 'torch was imported before the config error'\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
