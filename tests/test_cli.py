@@ -222,13 +222,14 @@ def test_the_embedded_start_ignores_ray_address_and_a_failed_start_leaves_nothin
 
 @pytest.mark.parametrize("module", ["population.run", "population.experiment"])
 def test_a_config_error_comes_before_torch_is_imported(module, tmp_path):
-    """Validation needs no torch (about a second to import): `envs` loads its worlds on first use."""
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("population: {size: -1}\n" if module == "population.run" else "nonsense_section: {}\n")
-    probe = (f"import sys; from {module} import main\n"
-             f"code = main(['--config', {str(bad)!r}])\n"
-             "assert code == 2, code\n"
-             "assert 'torch' not in sys.modules, 'torch was imported before the config error'\n")
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    """Validation needs no torch (about a second to import): `envs` loads its worlds on first use.
+    The real command (guarded_cli), with Python's import log (PYTHONPROFILEIMPORTTIME) on stderr."""
+    text = "population: {size: -1}\n" if module == "population.run" else "nonsense_section: {}\n"
+    bad = write(tmp_path / "bad.yaml", text)
+    with guarded_cli(module, tmp_path, "gsnn-cli-", PYTHONPROFILEIMPORTTIME="1") as run:
+        code, stdout, lines = run("--config", str(bad))
+    imported = [line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")]
+    errors = [line for line in lines if not line.startswith("import time:")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: "), (code, stdout, errors)
+    assert "yaml" in imported, "no import log"  # the log is there, so torch's absence means something
+    assert "torch" not in imported, "torch was imported before the config error"
