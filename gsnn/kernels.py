@@ -126,6 +126,7 @@ class Workspace:
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
         self.plans: dict[tuple, _DecidePlan] = {}
+        self.last_plan: _DecidePlan | None = None  # the C decision's last call's (``SlotDecisions``)
 
     def __reduce__(self):
         """A copy (copy, deepcopy, pickle) is a new, empty workspace: a plan's raw pointers
@@ -289,6 +290,11 @@ class _DecidePlan:
         return True
 
 
+def _pins(W, b, wout, bout, lif, v, i, rate_ema, stdp_weights) -> tuple:
+    """What a ``_DecidePlan`` holds pointers into, in its order (``_decide_native``, ``SlotDecisions``)."""
+    return (W, b, wout, bout, lif.tensor, v, i, rate_ema, stdp_weights)
+
+
 def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, rate, out, ws) -> Decision:
     obs = _c(obs)
     W, b, wout, bout = (_c(params["input_weight"]), _c(params["hidden_bias"]), _c(params["readout_weight"]),
@@ -296,8 +302,8 @@ def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, r
     B, N = obs.shape
     H, A = W.shape[1], wout.shape[1]
     with_stdp = stdp is not None and "hidden_post" in keep
-    pins = (W, b, wout, bout, lif.tensor, v, i, None if rate is None else rate[0],
-            stdp.step_weights if with_stdp else None)
+    pins = _pins(W, b, wout, bout, lif, v, i, None if rate is None else rate[0],
+                 stdp.step_weights if with_stdp else None)
     key = (B, N, H, A, steps, None if rate is None else rate[1], with_stdp)
     plan = ws.plans.get(key)
     if plan is None or not plan.serves(pins):
@@ -337,10 +343,121 @@ def _decide_native(obs, params, lif, v, i, steps, choose, uniform, keep, stdp, r
     args.obs_out, args.x_out, args.v0_out, args.i0_out, args.hidden_post, args.action_post, args.spikes_out = (
         _ptr(outputs.get(name)) for name in ("obs", "x", "v0", "i0", "hidden_post", "action_post", "spikes"))
     args.inputs_out, args.input_values_out, args.input_counts_out = (_ptr(outputs.get(name)) for name in INPUT_RECORD)
+    ws.last_plan = plan
     if library().gsnn_decide(ctypes.byref(args)) != 0:
         raise NonFiniteObservation("observation holds NaN or Inf")
     obs_sum, spikes, logit_sum = args.sums
     return Decision(counts, logits, actions, obs_sum, spikes, math.isfinite(logit_sum), outputs)
+
+
+# decide_args' output pointers -> the names of ``decide``'s outputs they point into
+_OUTPUT_FIELDS = {"counts": "counts", "logits": "logits", "actions": "actions", "obs_out": "obs", "x_out": "x",
+                  "v0_out": "v0", "i0_out": "i0", "hidden_post": "hidden_post", "action_post": "action_post",
+                  "spikes_out": "spikes", "inputs_out": "inputs", "input_values_out": "input_values",
+                  "input_counts_out": "input_counts"}
+
+
+class SlotDecisions:
+    """A learner's decisions of B worlds into slot after slot of its record buffers (name -> an
+    (L, ...) buffer whose slot k is a decision's ``out``), on the C path.
+
+    ``decide`` builds the C kernel's arguments at every call: it checks its options and outputs,
+    looks up its plan and takes every output's pointer, and at 16 worlds that costs about half as
+    long as the C decision itself. Here each slot's arguments are made once (a copy of the
+    plan's, with that slot's output pointers) and a decision sets only its observation and
+    uniform numbers. Made by ``of_last_call`` from a decision that ``decide`` made into one of
+    the slots (it checked everything then); it serves while that decision's plan serves the
+    caller's tensors (``_DecidePlan.serves``) and the observation is what the plan was made for.
+    Anything else gets None and goes through ``decide``, which handles every case (and says what
+    is wrong)."""
+
+    __slots__ = ("plan", "buffers", "alpha", "_constant", "_per_slot", "_args", "_actions", "_B", "_N")
+
+    def __init__(self, plan: _DecidePlan, buffers: dict[str, torch.Tensor], alpha: float | None):
+        self.plan, self.buffers, self.alpha = plan, buffers, alpha
+        self._B, self._N = plan.args.B, plan.args.N
+        self._constant: dict[str, int | None] = {}  # field -> a pointer every slot shares (or NULL)
+        self._per_slot: dict[str, str] = {}  # field -> the buffer it points into, slot by slot
+        length = min(buffer.shape[0] for buffer in buffers.values())
+        self._args: list[DecideArgs | None] = [None] * length  # made at a slot's first use
+        self._actions = buffers["actions"].unbind(0)
+
+    @classmethod
+    def of_last_call(cls, ws: Workspace, buffers: dict[str, torch.Tensor], slot: int,
+                     alpha: float | None) -> "SlotDecisions | None":
+        """The slot decisions of ``ws``'s last C decision, which wrote into slot ``slot`` of
+        ``buffers`` (with rate alpha ``alpha``, as given to ``decide``), or None if it did not
+        (not the C path, an output elsewhere, no sampling)."""
+        plan = ws.last_plan
+        if plan is None or "actions" not in buffers or not plan.args.uniform:
+            return None
+        made = cls(plan, buffers, alpha)
+        args = plan.args
+        for name, output in _OUTPUT_FIELDS.items():
+            address = getattr(args, name)
+            buffer = buffers.get(output)
+            if buffer is not None and slot < buffer.shape[0] and address == buffer[slot].data_ptr():
+                made._per_slot[name] = output
+            elif address is None or (name in ("counts", "logits") and address == getattr(plan, name).data_ptr()):
+                made._constant[name] = address
+            else:
+                return None
+        return made
+
+    def matches(self, ws: Workspace, buffers: dict[str, torch.Tensor], slot: int, alpha: float | None) -> bool:
+        """These are the slot decisions ``of_last_call`` would make now (so they can be kept)."""
+        if ws.last_plan is not self.plan or alpha != self.alpha or buffers.keys() != self.buffers.keys():
+            return False
+        if any(buffers[name] is not buffer for name, buffer in self.buffers.items()):
+            return False
+        args = self.plan.args
+        return (all(getattr(args, name) == self.buffers[output][slot].data_ptr() for name, output in self._per_slot.items())
+                and all(getattr(args, name) == address for name, address in self._constant.items()))
+
+    def _slot_args(self, slot: int) -> DecideArgs:
+        args = DecideArgs()
+        ctypes.memmove(ctypes.byref(args), ctypes.byref(self.plan.args), ctypes.sizeof(DecideArgs))
+        for name, output in self._per_slot.items():
+            setattr(args, name, self.buffers[output][slot].data_ptr())
+        for name, address in self._constant.items():
+            setattr(args, name, address)
+        self._args[slot] = args
+        return args
+
+    def prepare(self, slot: int, obs: torch.Tensor, params: dict[str, torch.Tensor], lif: LIFConstants,
+                v: torch.Tensor, i: torch.Tensor, rate: tuple[torch.Tensor, float] | None,
+                stdp_weights: torch.Tensor | None) -> DecideArgs | None:
+        """The arguments of a decision into slot ``slot`` of this observation, with the other
+        arguments the caller would give ``decide`` (``stdp_weights``: its STDP options' step
+        weights, if any); None where they do not serve (then call ``decide``). Nothing is done
+        yet: ``run`` does it."""
+        B, N = self._B, self._N
+        if (slot >= len(self._args) or obs.dtype is not torch.float32 or obs.device.type != "cpu"
+                or obs.shape[0] != B or obs.numel() != B * N or not obs.is_contiguous()
+                or (None if rate is None else rate[1]) != self.alpha):
+            return None
+        with_stdp = self.plan.pins[-1] is not None  # the plan's decisions keep hidden_post
+        if not self.plan.serves(_pins(params["input_weight"], params["hidden_bias"], params["readout_weight"],
+                                      params["readout_bias"], lif, v, i, None if rate is None else rate[0],
+                                      stdp_weights if with_stdp else None)):
+            return None
+        return self._args[slot] or self._slot_args(slot)
+
+    def run(self, args: DecideArgs, obs: torch.Tensor, uniform: torch.Tensor) -> tuple[float, float, bool]:
+        """The decision ``prepare`` made ready (``obs`` the same), sampled with ``uniform`` (B
+        numbers in [0, 1)): returns (observation sum, spikes, whether the logits are finite), as
+        ``decide``'s Decision has them. Raises ``NonFiniteObservation`` (state untouched) as it does."""
+        if uniform.dtype is not torch.float32 or uniform.numel() != self._B or not uniform.is_contiguous():
+            raise ValueError(f"decide: uniform must be {self._B} contiguous float32 numbers")
+        args.obs, args.uniform = obs.data_ptr(), uniform.data_ptr()
+        if library().gsnn_decide(ctypes.byref(args)) != 0:
+            raise NonFiniteObservation("observation holds NaN or Inf")
+        obs_sum, spikes, logit_sum = args.sums
+        return obs_sum, spikes, math.isfinite(logit_sum)
+
+    def actions(self, slot: int) -> torch.Tensor:
+        """Slot ``slot``'s actions (B,), int64 (a view of the buffer)."""
+        return self._actions[slot]
 
 
 def input_current_torch(obs: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -114,8 +114,9 @@ class Rollout:
     happen between rollouts), so a decision writes its record into the next slot (the C decision
     kernel writes there directly) with no allocation, and the update reads the filled part
     without stacking anything. Each buffer's slot views are made once, when it is allocated, and a
-    spec checked at slot 0 of a rollout is not checked again until the next one: a decision's
-    Python costs next to nothing (at 16 worlds it is as long as the C kernel)."""
+    spec checked at slot 0 of a rollout is not checked again until the next one. On the C path a
+    rollout's later decisions skip even that: the organism keeps the C decision's arguments of
+    every slot (``kernels.SlotDecisions``, made from the rollout's first decision)."""
 
     def __init__(self):
         self.decisions = 0  # decisions recorded
@@ -164,6 +165,10 @@ class Rollout:
         slots["done"].copy_(done)
         self.rewarded += 1
 
+    def buffers(self, spec: dict) -> dict[str, torch.Tensor]:
+        """The whole buffers of ``spec``'s names (checked at this rollout's slot 0), (L, ...) each."""
+        return {name: self._buffers[name] for name in spec}
+
     def recorded(self, name: str) -> bool:
         """Whether this rollout's decisions record ``name`` (a buffer of an earlier rollout may
         still exist)."""
@@ -204,7 +209,14 @@ class Organism:
         self.i: torch.Tensor | None = None  # (B, H) synaptic current per world
         self._rollout = Rollout()
         self._record_cache = None  # (key, (spec, keep, stdp), STDP step weights): see _learner_record
+        self._slot_decisions: kernels.SlotDecisions | None = None  # see learn_act
+        self._slot_rollout: Rollout | None = None  # the rollout they were kept for
         self._consecutive_nonfinite = 0
+
+    def __getstate__(self) -> dict:
+        """A copy (copy, deepcopy, pickle) keeps no slot decisions: their raw pointers point into
+        this organism's tensors (the workspace is copied empty for the same reason)."""
+        return dict(self.__dict__, _slot_decisions=None, _slot_rollout=None)
 
     # -- shape ---------------------------------------------------------------------------------
     @property
@@ -358,13 +370,18 @@ class Organism:
             decision = kernels.decide(obs, self.params, self.lif, self.v, self.i, self.config.snn_steps,
                                       workspace=self._workspace, **options)
         except kernels.NonFiniteObservation:
-            raise NonFiniteError(
-                f"observation holds NaN or Inf at decision step {self.stats.decision_steps}"
-            ) from None
-        if not decision.logits_finite:
-            raise NonFiniteError(f"action logits are not finite at decision step {self.stats.decision_steps}")
-        self.energy.add(decision.obs_sum, decision.spikes, obs.shape[0], self.hidden_neurons)
+            raise self._nonfinite_observation() from None
+        self._count_decision(decision.obs_sum, decision.spikes, decision.logits_finite, obs.shape[0])
         return decision
+
+    def _nonfinite_observation(self) -> NonFiniteError:
+        return NonFiniteError(f"observation holds NaN or Inf at decision step {self.stats.decision_steps}")
+
+    def _count_decision(self, obs_sum, spikes, logits_finite: bool, worlds: int) -> None:
+        """After a decision: its logits must be finite (NonFiniteError), and the energy meter counts it."""
+        if not logits_finite:
+            raise NonFiniteError(f"action logits are not finite at decision step {self.stats.decision_steps}")
+        self.energy.add(obs_sum, spikes, worlds, self.hidden_neurons)
 
     def _uniform(self, batch: int) -> torch.Tensor:
         """Uniform numbers in [0, 1) from the organism's own stream, one per world, for sampling."""
@@ -391,15 +408,54 @@ class Organism:
             # inside it once (gsnn.train.live, evaluate), so here it is only entered when needed
             with torch.no_grad():
                 return self.learn_act(obs)
+        slot, alpha = self._rollout.decisions, 1.0 / self.config.rate_window
+        if slot and self._slot_decisions is not None and self._slot_rollout is self._rollout:
+            actions = self._learn_act_in_slot(slot, obs, alpha)
+            if actions is not None:
+                return actions
         obs = self._flatten(obs)
         c, B = self.config, obs.shape[0]
         self._ensure_state(B)  # before the slots: a new batch size starts a new rollout
         spec, keep, stdp = self._learner_record(B)
-        slots = self._rollout.slots(spec, self._rollout.decisions, c.rollout_length, self.device)
+        slot = self._rollout.decisions
+        slots = self._rollout.slots(spec, slot, c.rollout_length, self.device)
         decision = self._decide(obs, choose="sample", uniform=self._uniform(B), keep=keep, stdp=stdp,
-                                rate=(self.rate_ema, 1.0 / c.rate_window), out=slots)
+                                rate=(self.rate_ema, alpha), out=slots)
+        self._keep_slot_decisions(spec, slot, alpha)
         self._rollout.decisions += 1
         return decision.actions.clone()  # the slot is reused by later rollouts
+
+    def _keep_slot_decisions(self, spec: dict, slot: int, alpha: float) -> None:
+        """After a learning decision through ``decide`` into ``slot``: the C decision's
+        arguments for every slot of this rollout's buffers (``kernels.SlotDecisions``), kept
+        while the buffers and the decision's plan last (a rollout's later decisions need not
+        rebuild them: at 16 worlds that took about a third of a learning decision's time), or
+        None (the torch path, or a record they do not cover)."""
+        self._slot_rollout = self._rollout
+        if not kernels.use_native(self.device):
+            self._slot_decisions = None
+            return
+        buffers, kept = self._rollout.buffers(spec), self._slot_decisions
+        if kept is None or not kept.matches(self._workspace, buffers, slot, alpha):
+            self._slot_decisions = kernels.SlotDecisions.of_last_call(self._workspace, buffers, slot, alpha)
+
+    def _learn_act_in_slot(self, slot: int, obs: torch.Tensor, alpha: float) -> torch.Tensor | None:
+        """``learn_act``'s decision into ``slot`` (not the rollout's first) through the kept slot
+        decisions, which the rollout's first decision checked; None where they do not serve
+        (another batch size, observation type or plan: then the general path)."""
+        fast = self._slot_decisions
+        args = fast.prepare(slot, obs, self.params, self.lif, self.v, self.i, (self.rate_ema, alpha),
+                            self._stdp_weights)
+        if args is None:
+            return None
+        uniform = self._uniform(obs.shape[0])
+        try:
+            obs_sum, spikes, logits_finite = fast.run(args, obs, uniform)
+        except kernels.NonFiniteObservation:
+            raise self._nonfinite_observation() from None
+        self._count_decision(obs_sum, spikes, logits_finite, obs.shape[0])
+        self._rollout.decisions = slot + 1
+        return fast.actions(slot).clone()
 
     def _learner_record(self, B: int) -> tuple[dict, tuple[str, ...], kernels.STDPOptions | None]:
         """What a learning decision of B worlds records (the rollout's spec: name -> (shape,

@@ -271,6 +271,57 @@ def test_a_kept_workspace_decides_as_a_fresh_one_whatever_tensors_change():
         kernels.decide(sparse_observations(g, 6), params, lif, torch.zeros(6, H + 1), torch.zeros(6, H), 10)
 
 
+def test_slot_decisions_decide_as_decide_and_serve_only_what_they_were_made_for():
+    """``kernels.SlotDecisions``: decisions into slot after slot of (L, ...) buffers through the
+    kept arguments are decide's own decisions into those slots; they are made only from a C
+    decision that wrote into a slot of the buffers with sampling, and serve only the plan's
+    tensors, rate alpha and observation shape and type."""
+    assert kernels.library() is not None, "GSNN_NATIVE=1: the C kernels must build"
+    g = torch.Generator().manual_seed(3)
+    lif = lif_constants(OrganismConfig())
+    params, B, H, L = random_params(g, H=96), 5, 96, 4
+    names = {"logits": ((B, 4), torch.float32), "actions": ((B,), torch.int64), "spikes": ((B, H), torch.int16),
+             "action_post": ((B, 4), torch.float32), "inputs": ((B * 450,), torch.int32),
+             "input_values": ((B * 450,), torch.float32), "input_counts": ((B,), torch.int32)}
+    runs = {}
+    for way in ("slots", "decide"):
+        ws, v, i, ema = kernels.Workspace(), torch.zeros(B, H), torch.zeros(B, H), torch.zeros(H)
+        buffers = {name: torch.zeros((L, *shape), dtype=dtype) for name, (shape, dtype) in names.items()}
+        stream, kept = torch.Generator().manual_seed(5), None
+        for slot in range(L):
+            obs, uniform = sparse_observations(stream, B), torch.rand(B, generator=stream)
+            args = None if kept is None else kept.prepare(slot, obs, params, lif, v, i, (ema, 0.01), None)
+            if args is not None:
+                kept.run(args, obs, uniform)
+                continue
+            kernels.decide(obs, params, lif, v, i, 10, choose="sample", uniform=uniform,
+                           keep=("inputs", "spikes", "action_post"), rate=(ema, 0.01), workspace=ws,
+                           out={name: buffer[slot] for name, buffer in buffers.items()})
+            if way == "slots":
+                kept = kernels.SlotDecisions.of_last_call(ws, buffers, slot, 0.01)
+                assert kept is not None and kept.matches(ws, buffers, slot, 0.01)
+                assert not kept.matches(ws, buffers, slot, 0.02) and not kept.matches(ws, dict(buffers), slot + 1, 0.01)
+        runs[way] = (buffers, v.clone(), i.clone(), ema.clone())
+        if way == "slots":  # then what they do not serve
+            obs = sparse_observations(stream, B)
+            assert kept.prepare(1, obs, params, lif, v, i, (ema, 0.01), None) is not None
+            assert kept.prepare(L, obs, params, lif, v, i, (ema, 0.01), None) is None  # beyond the buffers
+            assert kept.prepare(1, obs, params, lif, v, i, (ema, 0.02), None) is None  # another rate alpha
+            assert kept.prepare(1, obs, params, lif, v.clone(), i, (ema, 0.01), None) is None  # another LIF state
+            assert kept.prepare(1, obs[:4], params, lif, v, i, (ema, 0.01), None) is None  # another batch
+            assert kept.prepare(1, obs.double(), params, lif, v, i, (ema, 0.01), None) is None
+            assert kept.prepare(1, obs.t().contiguous().t(), params, lif, v, i, (ema, 0.01), None) is None
+            with pytest.raises(ValueError, match="uniform must be 5 contiguous float32 numbers"):
+                kept.run(kept.prepare(1, obs, params, lif, v, i, (ema, 0.01), None), obs, torch.rand(4))
+            kernels.decide(obs, params, lif, v, i, 10, workspace=ws)  # greedy: no sampling, nothing kept
+            assert kernels.SlotDecisions.of_last_call(ws, buffers, 0, None) is None
+            kernels.decide(obs, params, lif, v, i, 10, choose="sample", uniform=uniform, workspace=ws)
+            assert kernels.SlotDecisions.of_last_call(ws, buffers, 0, None) is None  # outputs not in the buffers
+    (slots, *state), (general, *general_state) = runs["slots"], runs["decide"]
+    assert all(torch.equal(a, b) for a, b in zip(state, general_state))
+    assert all(torch.equal(slots[name], general[name]) for name in names)
+
+
 def test_decide_refuses_an_unknown_output_to_keep(backend):
     g = torch.Generator().manual_seed(8)
     with pytest.raises(ValueError, match="keep names one of obs, x, v0, i0, hidden_post, action_post, spikes, inputs, got 'counts'"):

@@ -712,3 +712,108 @@ def test_evaluation_leaves_the_random_stream_alone_and_one_world_has_no_spread()
     assert result["fitness_std"] >= 0
     single = evaluate(organism, BatchedForagingGrid(1, seed=9, max_steps=20), seed=9)
     assert single["fitness_std"] == 0.0  # not NaN (std of one value): PBT gets it
+
+
+class GeneralPathOrganism(Organism):
+    """Every learning decision through ``kernels.decide`` (no kept slot decisions)."""
+
+    def _keep_slot_decisions(self, spec, slot, alpha):
+        self._slot_decisions = None
+
+
+def learning_state(organism):
+    """Everything a learning decision or an update changes, cloned."""
+    state = {f"param.{k}": v.clone() for k, v in organism.params.items()}
+    for name in organism.params:
+        for key, value in (organism.optimizer.moments(name) or {}).items():
+            state[f"{name}.{key}"] = value.clone()
+    state.update(rate_ema=organism.rate_ema.clone(), v=organism.v.clone(), i=organism.i.clone(),
+                 generator=organism.generator.get_state())
+    rollout = organism._rollout
+    for name in rollout._buffers:
+        if name not in ("inputs", "input_values"):  # below: only the used start of each slot is written
+            state[f"rollout.{name}"] = rollout.view(name).clone()
+    if "input_counts" in rollout._buffers:
+        used = rollout.view("input_counts").sum(dim=1).tolist()
+        for name in ("inputs", "input_values"):
+            rows = rollout._buffers[name]
+            state[f"rollout.{name}"] = torch.cat([rows[0][:0]] + [row[:n] for row, n in zip(rows, used)])
+    return state
+
+
+def assert_same_learning(a, b):
+    mine, theirs = learning_state(a), learning_state(b)
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+    assert a.energy.report() == b.energy.report() and a.stats == b.stats and a.hidden_neurons == b.hidden_neurons
+
+
+@pytest.mark.parametrize("rule, steps", [("rstdp", 10), ("reinforce", 10), ("rstdp", 16)])
+def test_a_rollouts_later_decisions_through_kept_slot_arguments_learn_bit_for_bit_as_decide(rule, steps, monkeypatch):
+    """After a rollout's first decision (through ``kernels.decide``, which checks everything) the
+    C decision's arguments of every slot are kept (``kernels.SlotDecisions``): the rollout's other
+    decisions must be the very same decisions, rollout after rollout, across growth and pruning
+    (new tensors, new rollout buffers), for each record (R-STDP's spike bits, REINFORCE's state,
+    R-STDP's post factors at more than 15 steps), and they must not go through ``decide``."""
+    from gsnn import kernels
+
+    calls = []
+    general_decide = kernels.decide
+    monkeypatch.setattr(kernels, "decide", lambda *a, **k: calls.append(a[0].shape[0]) or general_decide(*a, **k))
+    config = OrganismConfig(learning_rule=rule, snn_steps=steps, rollout_length=8, init_hidden=48, seed=4,
+                            grow_threshold=0.05, prune_threshold=0.02, grow_interval=40, prune_interval=56,
+                            prune_grace=16)
+    fast, general = Organism(config), GeneralPathOrganism(config)
+    for organism in (fast, general):
+        live(organism, BatchedForagingGrid(5, seed=2), 200)
+    assert fast.stats.updates == 25 and fast._slot_decisions is not None and general._slot_decisions is None
+    assert_same_learning(fast, general)
+    assert fast.stats.grow_events and fast.stats.prune_events  # the size changed while learning
+    assert calls.count(5) == 200 + 25  # the general organism's 200, the kept slots' rollouts' first 25
+
+
+def test_kept_slot_arguments_give_way_to_decide_whenever_they_do_not_serve():
+    """Mid-rollout, whatever the kept slot arguments were not made for goes through
+    ``kernels.decide``, and learning stays bit for bit that of decide alone: a new rate window
+    and new LIF constants (set_config), an observation of another dtype or not contiguous, an
+    evaluation in between (other worlds, the same workspace), and a NaN observation (refused as
+    decide refuses it, nothing changed)."""
+    from gsnn.train import evaluate
+
+    config = OrganismConfig(learning_rule="rstdp", rollout_length=12, init_hidden=40, seed=6)
+    organisms = [Organism(config), GeneralPathOrganism(config)]
+    envs = [BatchedForagingGrid(4, seed=1) for _ in organisms]
+    observations = [env.reset() for env in envs]
+    for step in range(30):
+        for n, (organism, env) in enumerate(zip(organisms, envs)):
+            obs = observations[n]
+            slot = len(organism._rollout)
+            if step == 14:
+                organism.set_config(OrganismConfig.from_dict(dict(organism.config.to_dict(), rate_window=50)))
+            if step == 17:
+                organism.set_config(OrganismConfig.from_dict(dict(organism.config.to_dict(), tau_mem_inv=80.0)))
+            if step == 15:
+                obs = obs.double()
+            if step == 16:
+                obs = obs.reshape(4, -1).t().contiguous().t()
+                assert not obs.is_contiguous()
+            if step == 19:
+                evaluate(organism, BatchedForagingGrid(3, seed=5), seed=5)
+            if step == 21:
+                bad = obs.clone()
+                bad[2, 0, 3, 3] = float("nan")
+                before = learning_state(organism)
+                with pytest.raises(NonFiniteError, match=f"observation holds NaN or Inf at decision step {step}$"):
+                    organism.learn_act(bad)
+                assert len(organism._rollout) == slot
+                after = learning_state(organism)
+                before.pop("generator"), after.pop("generator")  # the uniform numbers were drawn
+                assert all(torch.equal(before[k], after[k]) for k in before)
+            result = env.step(organism.learn_act(obs))
+            organism.learn_feedback(result.reward, result.done)
+            observations[n] = result.observation
+        if step == 20:
+            assert organisms[0]._slot_decisions is not None  # in use again after all that
+    assert organisms[0].stats.updates == 2
+    assert_same_learning(*organisms)
