@@ -42,17 +42,12 @@ class Adam:
     def step(self, grads: dict[str, torch.Tensor], scale: float = 1.0) -> bool:
         """Update every parameter in ``grads`` with its gradient times ``scale``. Returns False
         if a parameter became non-finite."""
-        beta1, beta2 = self.betas
+        beta1, beta2, step_size, bias_correction2_sqrt, _ = self.next_step()
         self.steps += 1
-        bias_correction1 = 1 - beta1**self.steps
-        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
-        step_size = self.lr / bias_correction1
+        self.ensure_moments(grads)
         finite = True
         for name, grad in grads.items():
             param = self.params[name]
-            if name not in self.exp_avg:
-                self.exp_avg[name] = torch.zeros_like(param)
-                self.exp_avg_sq[name] = torch.zeros_like(param)
             exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
             if kernels.use_native(param.device):
                 total = kernels.adam_step(param, grad, exp_avg, exp_avg_sq, scale, beta1, beta2, step_size,
@@ -69,6 +64,29 @@ class Adam:
             param.addcdiv_(exp_avg, denom, value=-step_size)
             finite = finite and bool(torch.isfinite(param.sum()))
         return finite
+
+    def next_step(self) -> tuple[float, float, float, float, float]:
+        """The next step's (beta1, beta2, step_size, bias_correction2_sqrt, eps): ``step``'s
+        numbers, and ``kernels.rstdp_update``'s (which steps in C; the caller adds the step)."""
+        beta1, beta2 = self.betas
+        steps = self.steps + 1
+        bias_correction1 = 1 - beta1**steps
+        bias_correction2_sqrt = (1 - beta2**steps) ** 0.5
+        return beta1, beta2, self.lr / bias_correction1, bias_correction2_sqrt, self.eps
+
+    def ensure_moments(self, names) -> list[str]:
+        """Zero moments for the parameters ``names`` that have none yet (before their first
+        step); returns those names."""
+        made = [name for name in names if name not in self.exp_avg]
+        for name in made:
+            self.exp_avg[name] = torch.zeros_like(self.params[name])
+            self.exp_avg_sq[name] = torch.zeros_like(self.params[name])
+        return made
+
+    def drop_moments(self, names) -> None:
+        """Forget the moments of ``names`` (``ensure_moments``' when no step followed)."""
+        for name in names:
+            del self.exp_avg[name], self.exp_avg_sq[name]
 
     def moments(self, name: str) -> dict[str, torch.Tensor]:
         """The moments of one parameter (empty before its first update)."""

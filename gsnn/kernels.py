@@ -14,6 +14,8 @@ CPU fallback where no C compiler is found).
   "spikes"), rebuilding their counts and post factors (``spike_factors``).
 - ``advantages``, ``sum_squares``, ``adam_step``: the rest of an update (returns and advantages,
   the gradient norm, Adam), one pass each instead of a dozen small torch ops.
+- ``rstdp_update``: a whole R-STDP update of a spike-bit record in one call (advantages,
+  directions, norm, clipped Adam step: the functions above, in order), C only.
 
 ``tests/test_kernels.py`` runs every check on both implementations: the LIF steps against
 Norse's ``lif_feed_forward_step``, the gradient against autograd through Norse's steps.
@@ -51,8 +53,22 @@ class DecideArgs(ctypes.Structure):
 
 
 _D = ctypes.c_double
+
+
+class RSTDPUpdateArgs(ctypes.Structure):
+    """kernels.c's rstdp_update_args, field for field."""
+
+    _fields_ = [(name, _I) for name in ("L", "B", "N", "H", "A", "T")] + [
+        ("rewards", _P), ("dones", _P), ("discount", _D), ("inputs", _P), ("input_values", _P),
+        ("input_counts", _P), ("spikes", _P), ("action_post", _P), ("stdp_w", _P), ("adv", _P),
+        ("param", _P * 4), ("grad", _P * 4), ("m", _P * 4), ("v", _P * 4), ("grad_clip", _D),
+    ] + [(name, _F) for name in ("beta1", "beta2", "step_size", "bias2_sqrt", "eps")] + [
+        ("sum_squares", _D), ("param_sum", _D * 4)]
+
+
 SIGNATURES = {  # keep in step with gsnn/kernels.c
     "gsnn_decide": ([ctypes.POINTER(DecideArgs)], ctypes.c_int),
+    "gsnn_rstdp_update": ([ctypes.POINTER(RSTDPUpdateArgs)], ctypes.c_int),
     "gsnn_reinforce_backward": ([_I] * 5 + [_P] * 11, ctypes.c_int),  # obs, v0, i0, g_logits, W, b, W_out, p, 3 out
     "gsnn_rstdp_directions": ([_I] * 4 + [_P] * 5 + [_F] + [_P] * 4, ctypes.c_int),
     # R, N, H, A, T, obs, B, inputs, input_values, input_counts, spikes, wout, stdp_w, action_post, w, scale, 4 out
@@ -630,6 +646,71 @@ def rstdp_directions_from_spikes(inputs: torch.Tensor | ActiveInputs, spikes: to
         action_post.data_ptr(), weights.data_ptr(), scale,
         *(out[k].data_ptr() for k in ("input_weight", "hidden_bias", "readout_weight", "readout_bias"))))
     return out
+
+
+UPDATE_ORDER = ("input_weight", "hidden_bias", "readout_weight", "readout_bias")  # gsnn_rstdp_update's
+
+
+@dataclass
+class UpdateResult:
+    """What ``rstdp_update`` did."""
+
+    sum_squares: float  # of all the directions: the global gradient norm squared
+    stepped: bool  # False: the norm was not finite and nothing was stepped
+    finite: bool  # every stepped parameter is finite (True if not stepped)
+    directions: dict[str, torch.Tensor]  # the update directions (before the clip), of UPDATE_ORDER
+
+
+def rstdp_update(record: ActiveInputs, spikes: torch.Tensor, action_post: torch.Tensor, rewards: torch.Tensor,
+                 dones: torch.Tensor, discount: float, step_weights: torch.Tensor, params: dict[str, torch.Tensor],
+                 exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor], grad_clip: float,
+                 adam: tuple[float, float, float, float, float]) -> UpdateResult:
+    """One R-STDP update of a rollout of L steps of B worlds on the C path, in one call
+    (``gsnn_rstdp_update``): ``advantages`` of ``rewards`` and ``dones`` (L, B), the directions
+    ``rstdp_directions_from_spikes`` of the decisions' record (``record``, ``spikes`` (L, B, H)
+    int16, ``action_post`` (L, B, A)) with scale -1 / (L B) and the readout weights in
+    ``params``, the global norm, and if it is finite the Adam step of each parameter (``params``
+    and its moments in place; ``adam`` = (beta1, beta2, step_size, bias2_sqrt, eps) of
+    ``adam_step``) with the directions clipped to ``grad_clip``. Bit for bit those functions
+    called one after another, as ``gsnn.organism`` did before."""
+    L, B = rewards.shape
+    N, H = params["input_weight"].shape
+    A, T = params["readout_bias"].shape[0], step_weights.shape[0]
+    expected = {"rewards": (rewards, (L, B), torch.float32), "dones": (dones, (L, B), torch.bool),
+                "spikes": (spikes, (L, B, H), torch.int16), "action_post": (action_post, (L, B, A), torch.float32),
+                "record.inputs": (record.inputs, (L, B * N), torch.int32),
+                "record.values": (record.values, (L, B * N), torch.float32),
+                "record.counts": (record.counts, (L, B), torch.int32),
+                "step_weights": (step_weights, (T,), torch.float32)}
+    for name in UPDATE_ORDER:
+        shape = tuple(params[name].shape)
+        expected.update({name: (params[name], shape, torch.float32), f"exp_avg.{name}": (exp_avg[name], shape, torch.float32),
+                         f"exp_avg_sq.{name}": (exp_avg_sq[name], shape, torch.float32)})
+    if not 1 <= T <= SPIKE_BITS_MAX_STEPS or params["hidden_bias"].shape != (H,) or tuple(params["readout_weight"].shape) != (H, A):
+        raise ValueError(f"rstdp_update: parameters of one network of {N} inputs, {H} neurons and {A} actions, "
+                         f"and 1 to {SPIKE_BITS_MAX_STEPS} steps, expected")
+    for name, (tensor, shape, dtype) in expected.items():  # the C kernel reads and writes them unchecked
+        if tensor.shape != shape or tensor.dtype != dtype or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            raise ValueError(f"rstdp_update: {name} must be a contiguous {dtype} CPU tensor of shape {shape}, "
+                             f"got {tuple(tensor.shape)} {tensor.dtype}")
+    adv = torch.empty(L * B)
+    directions = {name: torch.empty_like(params[name]) for name in UPDATE_ORDER}
+    pointers = lambda tensors: (_P * 4)(*(tensor.data_ptr() for tensor in tensors))  # noqa: E731
+    beta1, beta2, step_size, bias2_sqrt, eps = adam
+    args = RSTDPUpdateArgs(
+        L=L, B=B, N=N, H=H, A=A, T=T, rewards=rewards.data_ptr(), dones=dones.data_ptr(), discount=discount,
+        inputs=record.inputs.data_ptr(), input_values=record.values.data_ptr(), input_counts=record.counts.data_ptr(),
+        spikes=spikes.data_ptr(), action_post=action_post.data_ptr(), stdp_w=step_weights.data_ptr(),
+        adv=adv.data_ptr(), param=pointers(params[k] for k in UPDATE_ORDER),
+        grad=pointers(directions[k] for k in UPDATE_ORDER), m=pointers(exp_avg[k] for k in UPDATE_ORDER),
+        v=pointers(exp_avg_sq[k] for k in UPDATE_ORDER), grad_clip=grad_clip, beta1=beta1, beta2=beta2,
+        step_size=step_size, bias2_sqrt=bias2_sqrt, eps=eps)
+    status = library().gsnn_rstdp_update(ctypes.byref(args))
+    if status not in (0, 1):
+        _check(status)
+    stepped = status == 0
+    finite = not stepped or all(math.isfinite(total) for total in args.param_sum)
+    return UpdateResult(args.sum_squares, stepped, finite, directions)
 
 
 def advantages(rewards: torch.Tensor, dones: torch.Tensor, discount: float) -> torch.Tensor:

@@ -322,6 +322,34 @@ def test_slot_decisions_decide_as_decide_and_serve_only_what_they_were_made_for(
     assert all(torch.equal(slots[name], general[name]) for name in names)
 
 
+def test_the_one_call_rstdp_update_refuses_a_record_that_is_not_one_and_changes_nothing():
+    """``kernels.rstdp_update`` writes through raw pointers: a tensor of the wrong shape or type is
+    refused by name, and a record the C code finds out of range is refused before any step."""
+    assert kernels.library() is not None, "GSNN_NATIVE=1: the C kernels must build"
+    g = torch.Generator().manual_seed(4)
+    L, B, N, H, A, T = 2, 3, 450, 64, 4, 10
+    params = random_params(g, N=N, H=H, A=A)
+    zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+    record = kernels.ActiveInputs(torch.zeros(L, B * N, dtype=torch.int32), torch.ones(L, B * N),
+                                  torch.full((L, B), 2, dtype=torch.int32))
+    args = dict(record=record, spikes=torch.randint(0, 1024, (L, B, H), generator=g, dtype=torch.int16),
+                action_post=torch.randn(L, B, A, generator=g), rewards=torch.rand(L, B, generator=g), dones=torch.zeros(L, B, dtype=torch.bool), discount=0.9,
+                step_weights=stdp_step_weights(0.8, T, 0.5), params=params, exp_avg=zeros,
+                exp_avg_sq={k: v.clone() for k, v in zeros.items()}, grad_clip=1.0, adam=(0.9, 0.999, 1e-3, 1e-3, 1e-8))
+    before = {k: v.clone() for k, v in params.items()}
+    with pytest.raises(ValueError, match=r"rstdp_update: spikes must be a contiguous torch.int16 CPU tensor of shape \(2, 3, 64\)"):
+        kernels.rstdp_update(**dict(args, spikes=torch.zeros(L, B, H + 1, dtype=torch.int16)))
+    with pytest.raises(ValueError, match=r"rstdp_update: rewards must be a contiguous torch.float32"):
+        kernels.rstdp_update(**dict(args, rewards=torch.ones(B, L).t()))
+    record.counts[1, 2] = N + 1  # a count beyond the observation's inputs
+    with pytest.raises(ValueError, match="an argument out of its range"):
+        kernels.rstdp_update(**args)
+    assert all(torch.equal(before[k], params[k]) for k in params) and not any(v.any() for v in zeros.values())
+    record.counts[1, 2] = 2
+    assert kernels.rstdp_update(**args).stepped
+    assert all(not torch.equal(before[k], params[k]) for k in params)
+
+
 def test_decide_refuses_an_unknown_output_to_keep(backend):
     g = torch.Generator().manual_seed(8)
     with pytest.raises(ValueError, match="keep names one of obs, x, v0, i0, hidden_post, action_post, spikes, inputs, got 'counts'"):

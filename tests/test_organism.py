@@ -817,3 +817,59 @@ def test_kept_slot_arguments_give_way_to_decide_whenever_they_do_not_serve():
             assert organisms[0]._slot_decisions is not None  # in use again after all that
     assert organisms[0].stats.updates == 2
     assert_same_learning(*organisms)
+
+
+class StepwiseUpdateOrganism(Organism):
+    """Every update step by step (advantages, directions, norm, Adam: a call each)."""
+
+    def _update(self):
+        self._update_stepwise()
+
+
+@pytest.mark.parametrize("worlds", [1, 5, 16])
+def test_the_one_call_rstdp_update_learns_bit_for_bit_as_the_stepwise_update(worlds, monkeypatch):
+    """On the C path an R-STDP rollout recorded as spike bits is learned from in one call
+    (``kernels.rstdp_update``): the same weights, moments, statistics and structure as the
+    update step by step, update after update, through growth, pruning and partial rollouts."""
+    from gsnn import kernels
+
+    calls = []
+    one_call = kernels.rstdp_update
+    monkeypatch.setattr(kernels, "rstdp_update", lambda *a, **k: calls.append(1) or one_call(*a, **k))
+    config = OrganismConfig(learning_rule="rstdp", rollout_length=8, init_hidden=48, seed=2, grow_threshold=0.05,
+                            prune_threshold=0.02, grow_interval=40, prune_interval=56, prune_grace=16)
+    organisms = Organism(config), StepwiseUpdateOrganism(config)
+    for organism in organisms:
+        env = BatchedForagingGrid(worlds, seed=4)
+        obs, _ = live(organism, env, 203)  # ends with a partial rollout of 3 decisions
+        live(organism, env, 45, obs)
+    fast, stepwise = organisms
+    assert fast.stats.updates == 26 + 6 and len(calls) == fast.stats.updates  # each live() ends with a partial one
+    assert fast.stats.grow_events + fast.stats.prune_events > 0
+    assert fast.optimizer.steps == stepwise.optimizer.steps
+    assert_same_learning(fast, stepwise)
+
+
+def test_the_one_call_rstdp_update_skips_a_non_finite_update_as_the_stepwise_update():
+    """A NaN reward makes the norm NaN: the update is skipped and counted, no moment is made by
+    a skipped first update, and too many in a row raise, as step by step."""
+    config = OrganismConfig(learning_rule="rstdp", rollout_length=4, init_hidden=32, seed=1, max_nonfinite_updates=2)
+    organisms = Organism(config), StepwiseUpdateOrganism(config)
+    for organism in organisms:
+        env = BatchedForagingGrid(3, seed=0)
+        obs = env.reset()
+        for step in range(20):  # rollouts of 4: NaN, fine, then NaN three times (the third one too many)
+            result = env.step(organism.learn_act(obs))
+            reward = result.reward.clone()
+            if step < 4 or step >= 8:
+                reward[1] = float("nan")
+            if step == 19:
+                with pytest.raises(NonFiniteError, match="3 consecutive updates had NaN/Inf gradients"):
+                    organism.learn_feedback(reward, result.done)
+            else:
+                organism.learn_feedback(reward, result.done)
+            if step == 3:  # the first update, skipped: no moments yet
+                assert organism.optimizer.moments("input_weight") == {} and organism.optimizer.steps == 0
+            obs = result.observation
+        assert organism.stats.nonfinite_updates_skipped == 4 and organism.stats.updates == 1
+    assert_same_learning(*organisms)
