@@ -448,8 +448,8 @@ class SlotDecisions:
         weights, if any); None where they do not serve (then call ``decide``). Nothing is done
         yet: ``run`` does it."""
         B, N = self._B, self._N
-        if (slot >= len(self._args) or obs.dtype is not torch.float32 or obs.device.type != "cpu"
-                or obs.shape[0] != B or obs.numel() != B * N or not obs.is_contiguous()
+        if (slot >= len(self._args) or library() is None  # gsnn.native.torch_only() since the plan was made
+                or obs.dtype is not torch.float32 or obs.device.type != "cpu" or obs.shape[0] != B or obs.numel() != B * N or not obs.is_contiguous()
                 or (None if rate is None else rate[1]) != self.alpha):
             return None
         with_stdp = self.plan.pins[-1] is not None  # the plan's decisions keep hidden_post
@@ -741,6 +741,8 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     """One Adam step of one parameter in place (``gsnn.adam`` has the formula) with the gradient
     multiplied by ``scale`` first. Returns the sum of the new parameter values (not finite if any
     is not). Every tensor must be contiguous float32 on the CPU (the C path only)."""
+    if grad.shape != param.shape:  # read through a raw pointer: a smaller one would be read beyond its end
+        raise ValueError(f"adam_step: the gradient's shape {tuple(grad.shape)} is not the parameter's {tuple(param.shape)}")
     for tensor in (param, exp_avg, exp_avg_sq):
         if not tensor.is_contiguous() or tensor.dtype != torch.float32 or tensor.shape != param.shape:
             raise ValueError("adam_step updates contiguous float32 tensors of one shape in place")

@@ -165,6 +165,15 @@ class Rollout:
         slots["done"].copy_(done)
         self.rewarded += 1
 
+    def __getstate__(self) -> dict:
+        """Pickled without the slot views (pickle would store them as tensors of their own,
+        no longer views of the buffers); ``__setstate__`` makes them anew."""
+        return dict(self.__dict__, _views=None)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._views = {name: buffer.unbind(0) for name, buffer in self._buffers.items()}
+
     def buffers(self, spec: dict) -> dict[str, torch.Tensor]:
         """The whole buffers of ``spec``'s names (checked at this rollout's slot 0), (L, ...) each."""
         return {name: self._buffers[name] for name in spec}
@@ -257,7 +266,10 @@ class Organism:
             self.i = transform(self.i, 1, "i", moment=False)
 
     def grow(self, n: int) -> int:
-        """Add up to ``n`` neurons (never beyond max_hidden). Returns how many were added."""
+        """Add up to ``n`` neurons (never beyond max_hidden). Returns how many were added.
+        Between rollouts only, as ``prune``: a rollout's record has the hidden size it was
+        decided with, and its update needs that size."""
+        self._between_rollouts("grow")
         n = min(int(n), self.config.max_hidden - self.hidden_neurons)
         if n <= 0:
             return 0
@@ -289,7 +301,9 @@ class Organism:
 
     def prune(self, remove: torch.Tensor) -> int:
         """Remove the neurons where the boolean mask ``remove`` (H,) is True, never below
-        min_hidden (a mask that would is refused, nothing removed). Returns how many."""
+        min_hidden (a mask that would is refused, nothing removed). Returns how many. Between
+        rollouts only (see ``grow``)."""
+        self._between_rollouts("prune")
         H = self.hidden_neurons
         if not isinstance(remove, torch.Tensor) or remove.dtype != torch.bool or remove.shape != (H,):
             raise ValueError(f"prune: the mask must be a bool tensor of shape ({H},), one value per hidden neuron, "
@@ -308,6 +322,10 @@ class Organism:
         self.stats.neurons_removed += n
         self.stats.events.append((self.stats.decision_steps, "prune", n, self.hidden_neurons))
         return n
+
+    def _between_rollouts(self, what: str) -> None:
+        if len(self._rollout):
+            raise RuntimeError(f"{what}() in the middle of a rollout; call it between updates")
 
     def silent_neurons(self) -> torch.Tensor:
         """The mask prune() would get now: rate below prune_threshold, past the grace period,
@@ -620,8 +638,7 @@ class Organism:
         deviation to every weight and bias, from the organism's own random stream. Between
         rollouts only: an update rebuilds its decisions' post factors with the readout weights
         they were made with (R-STDP's spike bits)."""
-        if len(self._rollout):
-            raise RuntimeError("perturb_weights() in the middle of a rollout; call it between updates")
+        self._between_rollouts("perturb_weights")
         for param in self.params.values():
             spread = float(param.std()) if param.numel() > 1 else 0.0
             if spread > 0 and scale > 0:

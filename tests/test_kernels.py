@@ -341,6 +341,9 @@ def test_the_one_call_rstdp_update_refuses_a_record_that_is_not_one_and_changes_
         kernels.rstdp_update(**dict(args, spikes=torch.zeros(L, B, H + 1, dtype=torch.int16)))
     with pytest.raises(ValueError, match=r"rstdp_update: rewards must be a contiguous torch.float32"):
         kernels.rstdp_update(**dict(args, rewards=torch.ones(B, L).t()))
+    with pytest.raises(ValueError, match=r"adam_step: the gradient's shape \(64,\) is not the parameter's \(65,\)"):
+        kernels.adam_step(torch.zeros(65), torch.zeros(64), torch.zeros(65), torch.zeros(65), 1.0, 0.9, 0.999,
+                          1e-3, 1e-3, 1e-8)
     record.counts[1, 2] = N + 1  # a count beyond the observation's inputs
     with pytest.raises(ValueError, match="an argument out of its range"):
         kernels.rstdp_update(**args)

@@ -492,9 +492,10 @@ def test_set_config_changes_the_stdp_ratio_of_the_next_update():
     assert not all(torch.equal(changed.params[k], unchanged.params[k]) for k in names)
 
 
-def test_weights_are_perturbed_between_rollouts_only():
+def test_weights_are_perturbed_and_neurons_grown_or_pruned_between_rollouts_only():
     """An R-STDP update rebuilds its decisions' post factors from their spike bits with the
-    readout weights of the rollout: perturbing them mid-rollout is refused, as checkpointing is."""
+    readout weights of the rollout, and every update reads a record of the rollout's hidden size:
+    perturbing the weights, growing or pruning mid-rollout is refused, as checkpointing is."""
     organism = Organism(OrganismConfig(learning_rule="rstdp", rollout_length=4))
     env = BatchedForagingGrid(3, seed=0)
     result = env.step(organism.learn_act(env.reset()))
@@ -502,10 +503,16 @@ def test_weights_are_perturbed_between_rollouts_only():
     with pytest.raises(RuntimeError, match="in the middle of a rollout"):
         organism.perturb_weights(0.1)
     assert all(torch.equal(before[k], organism.params[k]) for k in before)
+    with pytest.raises(RuntimeError, match=r"^grow\(\) in the middle of a rollout"):
+        organism.grow(8)
+    with pytest.raises(RuntimeError, match=r"^prune\(\) in the middle of a rollout"):
+        organism.prune(torch.arange(organism.hidden_neurons) < 4)
+    assert all(torch.equal(before[k], organism.params[k]) for k in before)
     organism.learn_feedback(result.reward, result.done)
     assert organism.finish_rollout() and not len(organism._rollout)
     organism.perturb_weights(0.1)
     assert not torch.equal(before["input_weight"], organism.params["input_weight"])
+    assert organism.grow(8) == 8 and organism.prune(torch.arange(organism.hidden_neurons) < 4) == 4
 
 
 def test_settings_a_rollout_record_depends_on_change_between_rollouts_only():
@@ -778,7 +785,8 @@ def test_kept_slot_arguments_give_way_to_decide_whenever_they_do_not_serve():
     ``kernels.decide``, and learning stays bit for bit that of decide alone: a new rate window
     and new LIF constants (set_config), an observation of another dtype or not contiguous, an
     evaluation in between (other worlds, the same workspace), and a NaN observation (refused as
-    decide refuses it, nothing changed)."""
+    decide refuses it, nothing changed), and the kernels switched to torch (``native.torch_only``)."""
+    from gsnn import native
     from gsnn.train import evaluate
 
     config = OrganismConfig(learning_rule="rstdp", rollout_length=12, init_hidden=40, seed=6)
@@ -800,6 +808,12 @@ def test_kept_slot_arguments_give_way_to_decide_whenever_they_do_not_serve():
                 assert not obs.is_contiguous()
             if step == 19:
                 evaluate(organism, BatchedForagingGrid(3, seed=5), seed=5)
+            if step == 23:  # the kernels switched to torch mid-rollout (the plan's C library is off)
+                with native.torch_only():
+                    result = env.step(organism.learn_act(obs))
+                organism.learn_feedback(result.reward, result.done)
+                observations[n] = result.observation
+                continue
             if step == 21:
                 bad = obs.clone()
                 bad[2, 0, 3, 3] = float("nan")
@@ -873,3 +887,31 @@ def test_the_one_call_rstdp_update_skips_a_non_finite_update_as_the_stepwise_upd
             obs = result.observation
         assert organism.stats.nonfinite_updates_skipped == 4 and organism.stats.updates == 1
     assert_same_learning(*organisms)
+
+
+@pytest.mark.parametrize("rule", ["rstdp", "reinforce"])
+def test_a_pickled_organism_learns_on_as_the_original(rule):
+    """Pickled and unpickled mid-rollout or between rollouts, an organism learns on exactly as
+    the original does (the rollout's slots stay views of its buffers)."""
+    import pickle
+
+    def steps(organism, env, obs, n):  # gsnn.train.live without its finish_rollout
+        for _ in range(n):
+            result = env.step(organism.learn_act(obs))
+            organism.learn_feedback(result.reward, result.done)
+            obs = result.observation
+        return obs
+
+    config = OrganismConfig(learning_rule=rule, rollout_length=8, init_hidden=32, seed=1)
+    runs = []
+    for cut in (None, 16, 20):  # not pickled, between rollouts, mid-rollout
+        organism, env = Organism(config), BatchedForagingGrid(4, seed=3)
+        obs = steps(organism, env, env.reset(), 20 if cut is None else cut)
+        if cut is not None:
+            organism = pickle.loads(pickle.dumps(organism))
+            obs = steps(organism, env, obs, 20 - cut)
+        steps(organism, env, obs, 20)
+        assert organism.stats.updates == 5 and len(organism._rollout) == 0
+        runs.append(organism)
+    for other in runs[1:]:
+        assert_same_learning(runs[0], other)
