@@ -433,10 +433,8 @@ class SlotDecisions:
     def _slot_args(self, slot: int) -> DecideArgs:
         args = DecideArgs()
         ctypes.memmove(ctypes.byref(args), ctypes.byref(self.plan.args), ctypes.sizeof(DecideArgs))
-        for name, output in self._per_slot.items():
+        for name, output in self._per_slot.items():  # the shared pointers come with the copy
             setattr(args, name, self.buffers[output][slot].data_ptr())
-        for name, address in self._constant.items():
-            setattr(args, name, address)
         self._args[slot] = args
         return args
 
